@@ -1,0 +1,1 @@
+//! SIP over streams and datagrams: framing, scanning, rewriting.
