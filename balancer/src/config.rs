@@ -7,7 +7,7 @@
 //! ```toml
 //! [[sip.listen]]
 //! transport = "udp"          # "udp" or "tcp"
-//! address = "0.0.0.0:5060"
+//! address = "127.0.0.1:5060"
 //!
 //! [limits]
 //! max_header_bytes = 32768
@@ -36,7 +36,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SipConfig {
-    /// Listening sockets. Default: UDP and TCP on `0.0.0.0:5060`.
+    /// Listening sockets. Default: UDP and TCP on `127.0.0.1:5060` (one
+    /// machine; list public addresses to serve a network).
     pub listen: Vec<Listen>,
     /// `Retry-After` seconds in a 503 answered when no backend can take a
     /// request. Default: 5.
@@ -45,16 +46,16 @@ pub struct SipConfig {
 
 impl Default for SipConfig {
     fn default() -> Self {
-        let any = SocketAddr::from(([0, 0, 0, 0], 5060));
+        let local = SocketAddr::from(([127, 0, 0, 1], 5060));
         SipConfig {
             listen: vec![
                 Listen {
                     transport: ListenTransport::Udp,
-                    address: any,
+                    address: local,
                 },
                 Listen {
                     transport: ListenTransport::Tcp,
-                    address: any,
+                    address: local,
                 },
             ],
             retry_after_secs: 5,

@@ -7,6 +7,8 @@
 //!   backend agents that dial in (hello, authentication, SIP to and from a
 //!   backend, load reports, drain, keep-alive, errors). The byte layout is
 //!   specified in `SPEC.md` beside this crate.
+//! * [`tag`]: affinity tags, minted and verified with the cluster secret
+//!   (design.md §2), shared by the balancer and the agents.
 //! * [`sip`]: SIP over a stream (RFC 3261 §18.3) and over datagrams, a
 //!   zero-copy scanner of the fields routing needs, and rewrite helpers.
 //!
@@ -18,3 +20,4 @@
 
 pub mod frame;
 pub mod sip;
+pub mod tag;

@@ -1,7 +1,7 @@
 //! `viaduct`: the SIP load balancer.
 //!
 //! ```text
-//! viaduct [--config FILE]          serve (defaults: SIP on UDP and TCP 0.0.0.0:5060)
+//! viaduct [--config FILE]          serve (defaults: SIP on UDP and TCP 127.0.0.1:5060)
 //! viaduct check-config FILE        check a configuration and exit
 //! ```
 #![allow(clippy::disallowed_methods)] // the binary drives: it may spawn

@@ -17,3 +17,6 @@
 
 pub mod reply;
 pub mod standalone;
+pub mod new_calls;
+pub mod hash;
+pub mod router;

@@ -7,6 +7,7 @@
 
 use std::hash::{Hash, Hasher};
 
+
 use bytes::{BufMut, Bytes, BytesMut};
 use encap_proto::sip::SipMessage;
 
@@ -52,6 +53,84 @@ pub fn stateless_response(
     }
     out.put_slice(b"Server: viaduct\r\nContent-Length: 0\r\n\r\n");
     Some(out.freeze())
+}
+
+/// Builds `code reason` to a request the scanner refused, from its raw
+/// bytes: the Via, From, To, Call-ID and CSeq lines (any case, compact
+/// forms, folded continuation lines) are copied as they are, a To tag is
+/// added if the To line has none, and `extra` headers follow.
+///
+/// Returns `None` for a response, an ACK, or a request without a Via (a
+/// client could not match the answer).
+pub fn raw_response(raw: &[u8], code: u16, reason: &str, extra: &[(&str, &[u8])]) -> Option<Bytes> {
+    let head_end = memchr::memmem::find(raw, b"\r\n\r\n").map_or(raw.len(), |i| i + 2);
+    let head = &raw[..head_end];
+    let mut lines = head.split_inclusive(|&b| b == b'\n');
+    let start = lines.next()?;
+    if start.starts_with(b"SIP/") || start.len() < 3 || start[..3].eq_ignore_ascii_case(b"ACK") {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(head.len() + 256);
+    out.put_slice(format!("SIP/2.0 {code} {reason}\r\n").as_bytes());
+    let mut copying = false;
+    let mut in_to = false;
+    let mut to_has_tag = false;
+    let mut saw_via = false;
+    let mut seen = [false; 4];
+    for line in lines {
+        let continuation = matches!(line.first(), Some(b' ' | b'\t'));
+        if !continuation {
+            if in_to {
+                close_to(&mut out, to_has_tag, raw);
+            }
+            let name = line.split(|&b| b == b':').next().unwrap_or_default();
+            let name = name.trim_ascii();
+            let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+            let via = is(b"via") || is(b"v");
+            // Single-valued headers: the first instance only, so that the
+            // answer to a request with two Call-IDs is itself well formed.
+            let single = [is(b"from") || is(b"f"), is(b"call-id") || is(b"i"), is(b"cseq"), is(b"to") || is(b"t")];
+            let first = single.iter().zip(&mut seen).all(|(&hit, seen)| !hit || !std::mem::replace(seen, true));
+            copying = via || (first && single[..3].iter().any(|&x| x));
+            saw_via |= via;
+            in_to = first && single[3];
+            if in_to {
+                to_has_tag = false;
+            }
+        }
+        if in_to {
+            to_has_tag |= line.to_ascii_lowercase().windows(4).any(|w| w == b"tag=");
+            // Keep the CRLF off until we know whether a tag must be added.
+            out.put_slice(line.strip_suffix(b"\r\n").unwrap_or(line));
+            out.put_slice(b"\r\n");
+            continue;
+        }
+        if copying && line != b"\r\n" {
+            out.put_slice(line);
+        }
+    }
+    if in_to {
+        close_to(&mut out, to_has_tag, raw);
+    }
+    if !saw_via {
+        return None;
+    }
+    for (name, value) in extra {
+        put_header(&mut out, name, value);
+    }
+    out.put_slice(b"Server: viaduct\r\nContent-Length: 0\r\n\r\n");
+    Some(out.freeze())
+}
+
+/// Ends the copied To header: adds a tag before its final CRLF if it had none.
+fn close_to(out: &mut BytesMut, has_tag: bool, raw: &[u8]) {
+    if has_tag {
+        return;
+    }
+    out.truncate(out.len() - 2);
+    let mut h = std::hash::DefaultHasher::new();
+    raw.hash(&mut h);
+    out.put_slice(format!(";tag=vd{:016x}\r\n", h.finish()).as_bytes());
 }
 
 fn put_header(out: &mut BytesMut, name: &str, value: &[u8]) {
@@ -119,6 +198,28 @@ mod tests {
         let other = parse(&INVITE.replace("call-1", "call-2"));
         let other = SipMessage::parse(stateless_response(&other, 503, "x", &[]).unwrap()).unwrap();
         assert_ne!(other.to_tag().unwrap(), &tag[..]);
+    }
+
+    #[test]
+    fn raw_response_copies_lines_of_a_request_the_scanner_refused() {
+        // Two different Call-IDs (RFC 4475 multi01 style): the scanner refuses it.
+        let raw = b"INVITE sip:b@x SIP/2.0\r\nv: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK9\r\n\
+            CALL-ID: one\r\ni: two\r\nFrom: <sip:a@x>;tag=1\r\nt: Bob\r\n <sip:b@x>\r\nCSeq: 1 INVITE\r\n\
+            Subject: kept out\r\nl: 0\r\n\r\n";
+        assert!(SipMessage::parse(Bytes::from_static(raw)).is_err());
+        let warning = br#"399 viaduct "repeated Call-ID""#;
+        let resp = raw_response(raw, 400, "Bad Request", &[("Warning", warning)]).unwrap();
+        let text = String::from_utf8(resp.to_vec()).unwrap();
+        assert!(text.starts_with("SIP/2.0 400 Bad Request\r\nv: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK9\r\n"), "{text}");
+        assert!(text.contains("t: Bob\r\n <sip:b@x>;tag=vd"), "tag after the folded To: {text}");
+        assert!(text.contains("CALL-ID: one\r\n") && !text.contains("two"), "first Call-ID only: {text}");
+        assert!(SipMessage::parse(resp.clone()).is_ok(), "the answer itself scans");
+        assert!(text.contains("Warning: 399 viaduct \"repeated Call-ID\"\r\n"));
+        assert!(!text.contains("Subject"));
+        // Responses, ACKs and Via-less requests get nothing.
+        assert_eq!(raw_response(b"SIP/2.0 200 OK\r\nv: x\r\n\r\n", 400, "x", &[]), None);
+        assert_eq!(raw_response(b"ACK sip:x SIP/2.0\r\nv: x\r\n\r\n", 400, "x", &[]), None);
+        assert_eq!(raw_response(b"BYE sip:x SIP/2.0\r\ni: c\r\n\r\n", 400, "x", &[]), None);
     }
 
     #[test]

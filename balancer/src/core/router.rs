@@ -1,0 +1,972 @@
+//! The router: the whole routing method of design.md §1-§4 and §8 as one
+//! state machine, free of I/O.
+//!
+//! # Driving contract
+//!
+//! The driver owns the sockets and the clock. It tells the router what
+//! happened (`handle_*`, `*_opened`, `*_closed`, `backend_*`), then drains
+//! every [`Action`] with [`Router::poll_action`] and carries them out, and
+//! calls [`Router::handle_timeout`] when [`Router::poll_timeout`] is due.
+//! Nothing here reads a clock, touches a socket or spawns a task.
+//!
+//! ```
+//! use std::time::Instant;
+//! use bytes::Bytes;
+//! use balancer::core::router::{Action, Egress, Peer, Router, RouterConfig};
+//! use encap_proto::frame::Transport;
+//! use encap_proto::tag::TagKeys;
+//!
+//! let mut router = Router::new(RouterConfig::default(), TagKeys::new(b"secret"));
+//! let now = Instant::now();
+//! let udp = Peer {
+//!     conn: 1,
+//!     transport: Transport::Udp,
+//!     remote: "192.0.2.7:5060".parse().unwrap(),
+//!     local: "192.0.2.1:5060".parse().unwrap(),
+//! };
+//! router.socket_opened(udp.conn, Transport::Udp, udp.local);
+//! router.handle_sip(now, 0, udp, Bytes::from_static(
+//!     b"OPTIONS sip:lb SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.7;branch=z9hG4bK1\r\n\
+//!       From: <sip:a@x>;tag=1\r\nTo: <sip:lb>\r\nCall-ID: c1\r\nCSeq: 1 OPTIONS\r\n\
+//!       Content-Length: 0\r\n\r\n"));
+//! // No backend yet: the router answers 503 itself, to the sender.
+//! match router.poll_action() {
+//!     Some(Action::ToPeer { egress: Egress::Datagram { socket: 1, to }, message }) => {
+//!         assert_eq!(to, udp.remote);
+//!         assert!(message.starts_with(b"SIP/2.0 503 "));
+//!     }
+//!     other => panic!("{other:?}"),
+//! }
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use encap_proto::frame::{Code, Close, DrainState, Frame, LoadReport, SipFromBackend, SipToBackend, Transport};
+use encap_proto::sip::{Limits, Rewrite, SipMessage};
+use encap_proto::tag::{TagError, TagKeys};
+
+use super::hash::rendezvous;
+use super::new_calls::{NewCallTable, DEFAULT_CAPACITY, DEFAULT_LIFETIME};
+use super::reply::{raw_response, stateless_response};
+
+/// A connection (stream) or socket (UDP) id, chosen by the driver.
+pub type ConnId = u64;
+/// A backend's short id, the one its affinity tags carry.
+pub type BackendId = u16;
+
+/// The URI parameter that carries the affinity tag.
+pub const TAG_PARAM: &str = "vd";
+/// The header the balancer adds to an initial request it routed by
+/// selection: the tag the backend must stamp into its Contact.
+pub const TAG_HEADER: &str = "X-Viaduct-Backend";
+/// The header marking a request that failed over from a down backend.
+pub const FAILOVER_HEADER: &str = "X-Viaduct-Failover";
+/// The prefix of every Viaduct header; such headers arriving from outside
+/// are removed.
+pub const OWN_HEADER_PREFIX: &[u8] = b"x-viaduct-";
+/// The Via branch prefix of requests an agent originates: the tag follows.
+pub const BRANCH_PREFIX: &[u8] = b"z9hG4bK-vd";
+
+/// Where a SIP message came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The connection (TCP/TLS) or listening socket (UDP) it arrived on.
+    pub conn: ConnId,
+    /// Its transport.
+    pub transport: Transport,
+    /// The sender's address.
+    pub remote: SocketAddr,
+    /// Our address it arrived at.
+    pub local: SocketAddr,
+}
+
+/// How to send a SIP message to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// On this open stream connection.
+    Stream(ConnId),
+    /// As a datagram from this UDP socket.
+    Datagram {
+        /// Our UDP socket.
+        socket: ConnId,
+        /// The destination.
+        to: SocketAddr,
+    },
+    /// Open a new connection to `to` over `transport`, then send; the driver
+    /// reports it with [`Router::conn_opened`] once it is up.
+    Connect {
+        /// TCP or TLS.
+        transport: Transport,
+        /// The destination.
+        to: SocketAddr,
+    },
+}
+
+/// Something for the driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send SIP bytes to a peer.
+    ToPeer {
+        /// How.
+        egress: Egress,
+        /// The bare SIP message.
+        message: Bytes,
+    },
+    /// Send a frame on a backend's agent link.
+    ToBackend {
+        /// Which backend.
+        backend: BackendId,
+        /// The frame.
+        frame: Frame,
+    },
+    /// Close a backend's agent link (after sending `frame`, if any).
+    CloseBackend {
+        /// Which backend.
+        backend: BackendId,
+        /// A last frame (GOODBYE, ERROR).
+        frame: Option<Frame>,
+    },
+    /// Something worth one log line (each rejection is reported once).
+    Event(Event),
+}
+
+/// What the router reports for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A request was answered with an error status by the balancer itself.
+    Rejected {
+        /// The sender.
+        peer: SocketAddr,
+        /// The status sent.
+        status: u16,
+        /// Why.
+        reason: String,
+    },
+    /// A message was dropped.
+    Dropped {
+        /// Who sent it: a peer address, or a backend.
+        from: Source,
+        /// Why.
+        reason: String,
+    },
+    /// A backend went down.
+    BackendDown {
+        /// Which.
+        backend: BackendId,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A backend came up (or back).
+    BackendUp {
+        /// Which.
+        backend: BackendId,
+    },
+}
+
+/// The sender of a dropped message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A SIP peer.
+    Peer(SocketAddr),
+    /// A backend, over its agent link.
+    Backend(BackendId),
+}
+
+/// What to do with a tag that does not verify or names no known backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BadTagPolicy {
+    /// Route the message as if it carried no tag (default).
+    #[default]
+    TreatAsUntagged,
+    /// Answer 403 (forged) or 404 (unknown backend).
+    Reject,
+}
+
+/// The router's settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Message limits (the scanner's header count, and the sizes for 413/513).
+    pub limits: Limits,
+    /// What to do with forged, stale or unknown tags.
+    pub bad_tag_policy: BadTagPolicy,
+    /// Whether call-independent tags (registration, subscription Contacts)
+    /// are accepted.
+    pub accept_call_independent_tags: bool,
+    /// New-call table entry lifetime (design.md §3).
+    pub new_call_lifetime: Duration,
+    /// New-call table bound.
+    pub new_call_capacity: usize,
+    /// Keys of the new-call table's Call-ID hash; random per process.
+    pub table_hash_keys: (u64, u64),
+    /// How often agents report load.
+    pub report_interval: Duration,
+    /// Missed reports after which a backend is down.
+    pub missed_reports_down: u32,
+    /// `Retry-After` of the 503 answered when no backend can take a call.
+    pub retry_after_secs: u32,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            limits: Limits::default(),
+            bad_tag_policy: BadTagPolicy::default(),
+            accept_call_independent_tags: true,
+            new_call_lifetime: DEFAULT_LIFETIME,
+            new_call_capacity: DEFAULT_CAPACITY,
+            table_hash_keys: (0x5eed_0001, 0x5eed_0002),
+            report_interval: Duration::from_millis(500),
+            missed_reports_down: 3,
+            retry_after_secs: 5,
+        }
+    }
+}
+
+/// Counters, as plain data (the binary exports them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Requests received from peers.
+    pub requests_in: u64,
+    /// Responses received from peers.
+    pub responses_in: u64,
+    /// Messages forwarded to backends.
+    pub to_backends: u64,
+    /// Messages received from backends and sent to peers.
+    pub from_backends: u64,
+    /// Requests routed by a valid tag.
+    pub routed_by_tag: u64,
+    /// Requests routed by the new-call table.
+    pub routed_by_table: u64,
+    /// Requests routed by selection (new calls).
+    pub routed_by_selection: u64,
+    /// Requests routed by the stateless rendezvous hash (table full, or an
+    /// untagged in-dialog request).
+    pub routed_by_hash: u64,
+    /// Requests failed over from a down backend.
+    pub failovers: u64,
+    /// Tags that did not verify (forged, from another call, retired key).
+    pub bad_tags: u64,
+    /// Valid tags naming a backend this balancer does not know.
+    pub unknown_backend_tags: u64,
+    /// Viaduct headers removed from messages arriving from outside.
+    pub own_headers_stripped: u64,
+    /// Requests answered 400 (cannot be routed).
+    pub rejected_400: u64,
+    /// Requests answered 403/404 by the bad-tag policy.
+    pub rejected_bad_tag: u64,
+    /// Requests answered 413 / 513 (too large).
+    pub rejected_too_large: u64,
+    /// Requests answered 483 (Max-Forwards 0).
+    pub rejected_483: u64,
+    /// Requests answered 503 (no backend).
+    pub rejected_503: u64,
+    /// CANCEL answered 481 (no such transaction).
+    pub rejected_481: u64,
+    /// Responses from peers dropped (malformed, or no valid tag in the top Via).
+    pub dropped_responses: u64,
+    /// ACKs that matched nothing, dropped.
+    pub dropped_acks: u64,
+    /// Frames from backends dropped (malformed SIP, loop, no way to send).
+    pub dropped_from_backends: u64,
+    /// Frames of unknown type skipped.
+    pub unknown_frames: u64,
+    /// Load reports received out of order or repeated (ignored).
+    pub stale_reports: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Backend {
+    name: String,
+    up: bool,
+    drain: DrainState,
+    last_heard: Instant,
+    load: LoadReport,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Conn {
+    transport: Transport,
+    remote: Option<SocketAddr>,
+    local: SocketAddr,
+}
+
+/// The router. See the module documentation for the driving contract.
+#[derive(Debug)]
+pub struct Router {
+    config: RouterConfig,
+    keys: TagKeys,
+    backends: HashMap<BackendId, Backend>,
+    /// Live backends, sorted, for selection and the rendezvous hash.
+    live: Vec<BackendId>,
+    conns: HashMap<ConnId, Conn>,
+    /// Open stream connections by (transport, remote address).
+    by_remote: HashMap<(Transport, SocketAddr), Vec<ConnId>>,
+    /// Our own SIP addresses: a message is never sent to one of them.
+    local_addrs: Vec<SocketAddr>,
+    new_calls: NewCallTable,
+    round_robin: usize,
+    actions: VecDeque<Action>,
+    counters: Counters,
+}
+
+/// How a request reaches its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// By a valid tag naming a live backend: forwarded as is.
+    Tagged(BackendId),
+    /// By the new-call table (a repeat of a new call).
+    Table(BackendId),
+    /// By selection: a new call.
+    Selected(BackendId),
+    /// By the stateless hash (table full, or untagged in-dialog).
+    Hashed(BackendId),
+    /// Tagged for a backend that is down: to a backup, marked.
+    Failover(BackendId),
+}
+
+impl Route {
+    fn backend(self) -> BackendId {
+        match self {
+            Route::Tagged(b) | Route::Table(b) | Route::Selected(b) | Route::Hashed(b) | Route::Failover(b) => b,
+        }
+    }
+}
+
+/// The status of a [`Refusal`] that is dropped without an answer (an ACK).
+const NO_ANSWER: u16 = 0;
+
+/// A request the router answers itself instead of forwarding.
+struct Refusal {
+    status: u16,
+    reason: &'static str,
+    detail: String,
+}
+
+impl Router {
+    /// A router with no backend and no connection yet.
+    pub fn new(config: RouterConfig, keys: TagKeys) -> Router {
+        let new_calls = NewCallTable::new(
+            config.new_call_lifetime,
+            config.new_call_capacity,
+            config.table_hash_keys,
+        );
+        Router {
+            config,
+            keys,
+            backends: HashMap::new(),
+            live: Vec::new(),
+            conns: HashMap::new(),
+            by_remote: HashMap::new(),
+            local_addrs: Vec::new(),
+            new_calls,
+            round_robin: 0,
+            actions: VecDeque::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Entries in the new-call table.
+    pub fn new_call_entries(&self) -> usize {
+        self.new_calls.len()
+    }
+
+    /// Whether `backend` is known and up.
+    pub fn is_up(&self, backend: BackendId) -> bool {
+        self.backends.get(&backend).is_some_and(|b| b.up)
+    }
+
+    /// The next action for the driver, until `None`.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let silence = self.silence_limit();
+        let backends = self
+            .backends
+            .values()
+            .filter(|b| b.up)
+            .map(|b| b.last_heard + silence)
+            .min();
+        match (self.new_calls.next_expiry(), backends) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn silence_limit(&self) -> Duration {
+        self.config.report_interval * self.config.missed_reports_down
+    }
+
+    /// Time passed: expire new-call entries, mark silent backends down.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.new_calls.expire(now);
+        let silence = self.silence_limit();
+        let silent: Vec<BackendId> = self
+            .backends
+            .iter()
+            .filter(|(_, b)| b.up && now >= b.last_heard + silence)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in silent {
+            self.backend_down(id, "missed load reports");
+        }
+    }
+
+    // ------------------------------------------------------------ connections
+
+    /// A UDP socket of ours is open at `local` (its id names it in frames).
+    pub fn socket_opened(&mut self, socket: ConnId, transport: Transport, local: SocketAddr) {
+        self.conns.insert(socket, Conn { transport, remote: None, local });
+        if !self.local_addrs.contains(&local) {
+            self.local_addrs.push(local);
+        }
+    }
+
+    /// Our SIP listener at `local` is open (stream transports): messages are
+    /// never sent to it.
+    pub fn listener_opened(&mut self, local: SocketAddr) {
+        if !self.local_addrs.contains(&local) {
+            self.local_addrs.push(local);
+        }
+    }
+
+    /// A stream connection is open (accepted, or opened for an
+    /// [`Egress::Connect`]).
+    pub fn conn_opened(&mut self, conn: ConnId, transport: Transport, remote: SocketAddr, local: SocketAddr) {
+        self.conns.insert(conn, Conn { transport, remote: Some(remote), local });
+        self.by_remote.entry((transport, remote)).or_default().push(conn);
+    }
+
+    /// A connection or socket closed.
+    pub fn conn_closed(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        if let Some(remote) = c.remote {
+            if let Some(list) = self.by_remote.get_mut(&(c.transport, remote)) {
+                list.retain(|&id| id != conn);
+                if list.is_empty() {
+                    self.by_remote.remove(&(c.transport, remote));
+                }
+            }
+        }
+    }
+
+    // --------------------------------------------------------------- backends
+
+    /// A backend's agent authenticated and was welcomed.
+    pub fn backend_up(&mut self, now: Instant, backend: BackendId, name: &str) {
+        self.backends.insert(
+            backend,
+            Backend {
+                name: name.to_owned(),
+                up: true,
+                drain: DrainState::Serving,
+                last_heard: now,
+                load: LoadReport::default(),
+            },
+        );
+        self.set_live(backend, true);
+        self.actions.push_back(Action::Event(Event::BackendUp { backend }));
+    }
+
+    /// A backend's link closed, or it fell silent.
+    pub fn backend_down(&mut self, backend: BackendId, reason: &'static str) {
+        if let Some(b) = self.backends.get_mut(&backend) {
+            if b.up {
+                b.up = false;
+                self.set_live(backend, false);
+                self.actions.push_back(Action::Event(Event::BackendDown { backend, reason }));
+            }
+        }
+    }
+
+    /// The name a backend registered with, if known.
+    pub fn backend_name(&self, backend: BackendId) -> Option<&str> {
+        self.backends.get(&backend).map(|b| b.name.as_str())
+    }
+
+    fn set_live(&mut self, backend: BackendId, up: bool) {
+        match (self.live.binary_search(&backend), up) {
+            (Err(at), true) => self.live.insert(at, backend),
+            (Ok(at), false) => {
+                self.live.remove(at);
+            }
+            _ => {}
+        }
+    }
+
+    /// A frame from an authenticated backend's agent.
+    pub fn handle_frame(&mut self, now: Instant, backend: BackendId, frame: Frame) {
+        let Some(b) = self.backends.get_mut(&backend) else {
+            self.counters.dropped_from_backends += 1;
+            return;
+        };
+        b.last_heard = now;
+        match frame {
+            Frame::SipFromBackend(sip) => self.from_backend(now, backend, sip),
+            Frame::Load(report) => {
+                if report.seq != 0 && report.seq <= b.load.seq {
+                    // Duplicated or reordered: the newer report already counted.
+                    self.counters.stale_reports += 1;
+                } else {
+                    b.load = report;
+                }
+                if !b.up {
+                    b.up = true;
+                    self.set_live(backend, true);
+                    self.actions.push_back(Action::Event(Event::BackendUp { backend }));
+                }
+            }
+            Frame::Drain(state) => b.drain = state,
+            Frame::Ping(token) => self.actions.push_back(Action::ToBackend { backend, frame: Frame::Pong(token) }),
+            Frame::Pong(_) => {}
+            Frame::Goodbye(_) | Frame::Error(_) => {
+                self.backend_down(backend, "agent closed the link");
+                self.actions.push_back(Action::CloseBackend { backend, frame: None });
+            }
+            Frame::Unknown { .. } => self.counters.unknown_frames += 1,
+            other @ (Frame::Hello(_)
+            | Frame::Challenge(_)
+            | Frame::Auth(_)
+            | Frame::Welcome(_)
+            | Frame::Refuse(_)
+            | Frame::SipToBackend(_)) => {
+                let reason = format!("{} frame not allowed from an agent after the handshake", other.frame_type());
+                self.backend_down(backend, "protocol error");
+                self.actions.push_back(Action::CloseBackend {
+                    backend,
+                    frame: Some(Frame::Error(Close { code: Code::UNEXPECTED_FRAME, reason })),
+                });
+            }
+        }
+    }
+
+    fn drop_from_backend(&mut self, backend: BackendId, reason: String) {
+        self.counters.dropped_from_backends += 1;
+        self.actions.push_back(Action::Event(Event::Dropped { from: Source::Backend(backend), reason }));
+    }
+
+    /// A SIP message a backend sends out (design.md §4).
+    fn from_backend(&mut self, now: Instant, backend: BackendId, sip: SipFromBackend) {
+        let msg = match SipMessage::parse_with(sip.message, &self.config.limits) {
+            Ok(msg) => msg,
+            Err(e) => return self.drop_from_backend(backend, format!("malformed SIP from backend: {e}")),
+        };
+        if let (Some(status), Some(call_id)) = (msg.status(), msg.call_id()) {
+            let key = self.new_calls.key(call_id);
+            if status < 200 {
+                self.new_calls.refresh(now, key);
+            } else {
+                self.new_calls.linger(now, key);
+            }
+        }
+        if self.local_addrs.contains(&sip.next_hop) {
+            return self.drop_from_backend(backend, format!("loop: next hop {} is this balancer", sip.next_hop));
+        }
+        let egress = match self.egress(sip.connection, sip.transport, sip.next_hop) {
+            Some(egress) => egress,
+            None => {
+                return self.drop_from_backend(
+                    backend,
+                    format!("no {} socket of the address family of {}", sip.transport, sip.next_hop),
+                )
+            }
+        };
+        self.counters.from_backends += 1;
+        self.actions.push_back(Action::ToPeer { egress, message: msg.bytes().clone() });
+    }
+
+    /// The response path rules of design.md §4: the named connection if it
+    /// is open and leads to `to`; else any open connection to `to`; else a
+    /// new connection (streams) or a datagram (UDP). Only `to` is ever used.
+    fn egress(&self, named: Option<ConnId>, transport: Transport, to: SocketAddr) -> Option<Egress> {
+        if transport == Transport::Udp {
+            let named_socket = named.filter(|id| {
+                self.conns
+                    .get(id)
+                    .is_some_and(|c| c.transport == Transport::Udp && c.local.is_ipv4() == to.is_ipv4())
+            });
+            let socket = named_socket.or_else(|| {
+                self.conns
+                    .iter()
+                    .filter(|(_, c)| c.transport == Transport::Udp && c.local.is_ipv4() == to.is_ipv4())
+                    .map(|(&id, _)| id)
+                    .min()
+            })?;
+            return Some(Egress::Datagram { socket, to });
+        }
+        if let Some(id) = named {
+            if self
+                .conns
+                .get(&id)
+                .is_some_and(|c| c.transport == transport && c.remote == Some(to))
+            {
+                return Some(Egress::Stream(id));
+            }
+        }
+        if let Some(&id) = self.by_remote.get(&(transport, to)).and_then(|l| l.last()) {
+            return Some(Egress::Stream(id));
+        }
+        Some(Egress::Connect { transport, to })
+    }
+
+    // ------------------------------------------------------------- from peers
+
+    /// A framed SIP message from a peer (`arrival_unix_us`: wall clock, for
+    /// the frame's metadata).
+    pub fn handle_sip(&mut self, now: Instant, arrival_unix_us: u64, from: Peer, message: Bytes) {
+        let msg = match SipMessage::parse_with(message.clone(), &self.config.limits) {
+            Ok(msg) => msg,
+            Err(e) => {
+                if message.starts_with(b"SIP/") {
+                    self.counters.responses_in += 1;
+                    self.counters.dropped_responses += 1;
+                    let reason = format!("malformed response: {e}");
+                    self.actions.push_back(Action::Event(Event::Dropped { from: Source::Peer(from.remote), reason }));
+                } else {
+                    self.counters.requests_in += 1;
+                    self.refuse_raw(from, &message, 400, "Bad Request", e.to_string());
+                }
+                return;
+            }
+        };
+        if msg.is_request() {
+            self.counters.requests_in += 1;
+            match self.route_request(now, &msg) {
+                Ok(route) => self.forward_request(arrival_unix_us, from, &msg, route),
+                Err(refusal) => self.refuse(from, &msg, refusal),
+            }
+        } else {
+            self.counters.responses_in += 1;
+            self.route_response(arrival_unix_us, from, msg);
+        }
+    }
+
+    /// A message too large to take: `head` is what was read of it (at least
+    /// its start line and, ideally, its headers). Streams get 413, UDP 513.
+    pub fn handle_oversized(&mut self, from: Peer, head: &[u8]) {
+        self.counters.requests_in += 1;
+        self.counters.rejected_too_large += 1;
+        let (status, reason) = if from.transport == Transport::Udp {
+            (513, "Message Too Large")
+        } else {
+            (413, "Request Entity Too Large")
+        };
+        let detail = format!("message above the limits (header {} / body {} bytes)", self.config.limits.max_header_bytes, self.config.limits.max_body_bytes);
+        if let Some(resp) = raw_response(head, status, reason, &[]) {
+            self.actions.push_back(Action::ToPeer { egress: Self::reply_egress(from, None), message: resp });
+        }
+        self.actions.push_back(Action::Event(Event::Rejected { peer: from.remote, status, reason: detail }));
+    }
+
+    fn refuse_raw(&mut self, from: Peer, raw: &[u8], status: u16, reason: &str, detail: String) {
+        self.counters.rejected_400 += 1;
+        let warning = warning_value(&detail);
+        if let Some(resp) = raw_response(raw, status, reason, &[("Warning", warning.as_bytes())]) {
+            self.actions.push_back(Action::ToPeer { egress: Self::reply_egress(from, None), message: resp });
+        }
+        self.actions.push_back(Action::Event(Event::Rejected { peer: from.remote, status, reason: detail }));
+    }
+
+    fn refuse(&mut self, from: Peer, msg: &SipMessage, refusal: Refusal) {
+        if refusal.status == NO_ANSWER {
+            self.counters.dropped_acks += 1;
+            let reason = refusal.detail;
+            self.actions.push_back(Action::Event(Event::Dropped { from: Source::Peer(from.remote), reason }));
+            return;
+        }
+        match refusal.status {
+            400 => self.counters.rejected_400 += 1,
+            403 | 404 => self.counters.rejected_bad_tag += 1,
+            481 => self.counters.rejected_481 += 1,
+            483 => self.counters.rejected_483 += 1,
+            503 => self.counters.rejected_503 += 1,
+            _ => {}
+        }
+        let retry = self.config.retry_after_secs.to_string();
+        let warning = warning_value(&refusal.detail);
+        let mut extra: Vec<(&str, &[u8])> = vec![("Warning", warning.as_bytes())];
+        if refusal.status == 503 {
+            extra.push(("Retry-After", retry.as_bytes()));
+        }
+        // A request missing a header a response copies is answered from its
+        // raw lines instead (what it has is copied).
+        let resp = stateless_response(msg, refusal.status, refusal.reason, &extra)
+            .or_else(|| raw_response(msg.bytes(), refusal.status, refusal.reason, &extra));
+        if let Some(resp) = resp {
+            let egress = Self::reply_egress(from, msg.top_via().map(|v| (v.rport, v.port)));
+            self.actions.push_back(Action::ToPeer { egress, message: resp });
+        }
+        self.actions.push_back(Action::Event(Event::Rejected {
+            peer: from.remote,
+            status: refusal.status,
+            reason: refusal.detail,
+        }));
+    }
+
+    /// Where the balancer's own answer to a request goes (RFC 3261 §18.2.2):
+    /// on the stream it came on; over UDP to the source address, at the
+    /// source port if the Via asked for rport, else at the sent-by port.
+    fn reply_egress(from: Peer, via_ports: Option<(Option<Option<u16>>, Option<u16>)>) -> Egress {
+        if from.transport.is_stream() {
+            return Egress::Stream(from.conn);
+        }
+        let port = match via_ports {
+            Some((Some(_), _)) | None => from.remote.port(),
+            Some((None, sent_by)) => sent_by.unwrap_or(Transport::Udp.default_port()),
+        };
+        Egress::Datagram { socket: from.conn, to: SocketAddr::new(from.remote.ip(), port) }
+    }
+
+    /// The affinity decision for a request (design.md §1, §2, §3, §6).
+    fn route_request(&mut self, now: Instant, msg: &SipMessage) -> Result<Route, Refusal> {
+        let bad = |detail: &str| Refusal { status: 400, reason: "Bad Request", detail: detail.to_owned() };
+        let method = msg.method().unwrap_or_default();
+        let Some(call_id) = msg.call_id() else { return Err(bad("missing Call-ID header")) };
+        let Some(cseq) = msg.cseq() else { return Err(bad("missing CSeq header")) };
+        if msg.top_via().is_none() {
+            return Err(bad("missing Via header"));
+        }
+        if msg.header("From").is_none() {
+            return Err(bad("missing From header"));
+        }
+        if msg.header("To").is_none() {
+            return Err(bad("missing To header"));
+        }
+        if !cseq.method.eq_ignore_ascii_case(method) {
+            return Err(bad("CSeq method does not match the request method"));
+        }
+        if msg.max_forwards() == Some(0) {
+            return Err(Refusal { status: 483, reason: "Too Many Hops", detail: "Max-Forwards is 0".to_owned() });
+        }
+        let is_ack = method.eq_ignore_ascii_case(b"ACK");
+        let is_cancel = method.eq_ignore_ascii_case(b"CANCEL");
+
+        if let Some(tag) = find_request_tag(msg) {
+            match self.keys.verify(tag, call_id) {
+                Ok(t) if t.call_independent && !self.config.accept_call_independent_tags => {
+                    self.counters.bad_tags += 1;
+                    if self.config.bad_tag_policy == BadTagPolicy::Reject {
+                        return Err(Refusal { status: 403, reason: "Forbidden", detail: "call-independent affinity tag not accepted here".to_owned() });
+                    }
+                }
+                Ok(t) => match self.backends.get(&t.backend) {
+                    Some(b) if b.up => {
+                        self.counters.routed_by_tag += 1;
+                        return Ok(Route::Tagged(t.backend));
+                    }
+                    Some(_) => {
+                        return match rendezvous(call_id, &self.live) {
+                            Some(backup) => {
+                                self.counters.failovers += 1;
+                                Ok(Route::Failover(backup))
+                            }
+                            None => Err(Refusal { status: 503, reason: "Service Unavailable", detail: "the call's backend is down and no other is up".to_owned() }),
+                        };
+                    }
+                    None => {
+                        self.counters.unknown_backend_tags += 1;
+                        if self.config.bad_tag_policy == BadTagPolicy::Reject {
+                            return Err(Refusal { status: 404, reason: "Not Found", detail: format!("affinity tag names unknown backend {}", t.backend) });
+                        }
+                    }
+                },
+                Err(TagError::Malformed | TagError::BadMac) => {
+                    self.counters.bad_tags += 1;
+                    if self.config.bad_tag_policy == BadTagPolicy::Reject {
+                        return Err(Refusal { status: 403, reason: "Forbidden", detail: "affinity tag does not verify".to_owned() });
+                    }
+                }
+            }
+        }
+
+        // Untagged (or a bad tag treated as none): the new-call table.
+        let key = self.new_calls.key(call_id);
+        if let Some(b) = self.new_calls.get(now, key) {
+            if self.is_up(b) {
+                self.counters.routed_by_table += 1;
+                return Ok(Route::Table(b));
+            }
+            if let Some(backup) = rendezvous(call_id, &self.live) {
+                self.counters.failovers += 1;
+                return Ok(Route::Failover(backup));
+            }
+        }
+        if is_ack {
+            return Err(Refusal { status: NO_ANSWER, reason: "", detail: "ACK matches no call".to_owned() });
+        }
+        if is_cancel {
+            return Err(Refusal { status: 481, reason: "Call/Transaction Does Not Exist", detail: "CANCEL matches no new call".to_owned() });
+        }
+        if msg.to_tag().is_some() {
+            // In-dialog but untagged: no memory of it; the stateless hash
+            // agrees across replicas and restarts.
+            return match rendezvous(call_id, &self.live) {
+                Some(b) => {
+                    self.counters.routed_by_hash += 1;
+                    Ok(Route::Hashed(b))
+                }
+                None => Err(Refusal { status: 503, reason: "Service Unavailable", detail: "no backend is up".to_owned() }),
+            };
+        }
+        let Some(chosen) = self.select() else {
+            return Err(Refusal { status: 503, reason: "Service Unavailable", detail: "no backend can take a new call".to_owned() });
+        };
+        match self.new_calls.insert(now, key, chosen) {
+            Ok(()) => {
+                self.counters.routed_by_selection += 1;
+                Ok(Route::Selected(chosen))
+            }
+            Err(_) => {
+                // Table full: fall back to the stateless hash, which every
+                // repeat of this call computes the same way.
+                let b = rendezvous(call_id, &self.serving()).unwrap_or(chosen);
+                self.counters.routed_by_hash += 1;
+                Ok(Route::Hashed(b))
+            }
+        }
+    }
+
+    fn serving(&self) -> Vec<BackendId> {
+        self.live
+            .iter()
+            .copied()
+            .filter(|id| self.backends.get(id).is_some_and(|b| b.drain == DrainState::Serving))
+            .collect()
+    }
+
+    /// Chooses a backend for a new call: round robin over live backends
+    /// that are not draining.
+    fn select(&mut self) -> Option<BackendId> {
+        let n = self.live.len();
+        for i in 0..n {
+            let id = self.live[(self.round_robin + i) % n];
+            if self.backends.get(&id).is_some_and(|b| b.drain == DrainState::Serving) {
+                self.round_robin = (self.round_robin + i + 1) % n;
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    fn forward_request(&mut self, arrival_unix_us: u64, from: Peer, msg: &SipMessage, route: Route) {
+        let backend = route.backend();
+        let mut rw = Rewrite::new(msg);
+        for own in [TAG_HEADER, FAILOVER_HEADER] {
+            if msg.header(own).is_some() {
+                rw.remove_headers(own);
+                self.counters.own_headers_stripped += 1;
+            }
+        }
+        // RFC 3261 §18.2.1 and RFC 3581: record where it really came from.
+        if let Some(via) = msg.top_via() {
+            let source_ip = from.remote.ip().to_string();
+            let sent_by_is_source = via.host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")).unwrap_or(via.host)
+                == source_ip.as_bytes();
+            if via.rport.is_some() || !sent_by_is_source {
+                rw.set_top_via_param("received", Some(source_ip.as_bytes()));
+            }
+            if via.rport == Some(None) {
+                rw.set_top_via_param("rport", Some(from.remote.port().to_string().as_bytes()));
+            }
+        }
+        let call_id = msg.call_id().unwrap_or_default();
+        match route {
+            Route::Tagged(_) => {}
+            Route::Table(b) | Route::Selected(b) | Route::Hashed(b) => {
+                let tag = self.keys.mint(b, call_id);
+                rw.insert_header(TAG_HEADER, &tag);
+            }
+            Route::Failover(b) => {
+                let old = find_request_tag(msg).map(<[u8]>::to_vec).unwrap_or_default();
+                rw.insert_header(FAILOVER_HEADER, if old.is_empty() { b"table" } else { &old });
+                let tag = self.keys.mint(b, call_id);
+                rw.insert_header(TAG_HEADER, &tag);
+            }
+        }
+        let message = rw.finish();
+        self.counters.to_backends += 1;
+        self.actions.push_back(Action::ToBackend {
+            backend,
+            frame: Frame::SipToBackend(SipToBackend {
+                failover: matches!(route, Route::Failover(_)),
+                connection: from.conn,
+                transport: from.transport,
+                peer: from.remote,
+                local: from.local,
+                arrival_unix_us,
+                message,
+            }),
+        });
+    }
+
+    /// A response from a peer answers a request a backend originated: the
+    /// top Via is the agent's, its branch carries the tag (design.md §2).
+    fn route_response(&mut self, arrival_unix_us: u64, from: Peer, msg: SipMessage) {
+        let target = msg
+            .top_via()
+            .and_then(|v| v.branch)
+            .and_then(|branch| branch.strip_prefix(BRANCH_PREFIX))
+            .and_then(|rest| rest.get(..encap_proto::tag::TAG_LEN))
+            .map(|tag| self.keys.verify(tag, msg.call_id().unwrap_or_default()));
+        let backend = match target {
+            Some(Ok(t)) if self.is_up(t.backend) => t.backend,
+            Some(Ok(t)) => return self.drop_response(from, format!("response for backend {} which is down", t.backend)),
+            Some(Err(e)) => {
+                self.counters.bad_tags += 1;
+                return self.drop_response(from, format!("response Via branch: {e}"));
+            }
+            None => return self.drop_response(from, "response without a Viaduct Via branch".to_owned()),
+        };
+        self.counters.to_backends += 1;
+        self.actions.push_back(Action::ToBackend {
+            backend,
+            frame: Frame::SipToBackend(SipToBackend {
+                failover: false,
+                connection: from.conn,
+                transport: from.transport,
+                peer: from.remote,
+                local: from.local,
+                arrival_unix_us,
+                message: msg.bytes().clone(),
+            }),
+        });
+    }
+
+    fn drop_response(&mut self, from: Peer, reason: String) {
+        self.counters.dropped_responses += 1;
+        self.actions.push_back(Action::Event(Event::Dropped { from: Source::Peer(from.remote), reason }));
+    }
+}
+
+/// The tag of a request, in the order of design.md §2: a Request-URI
+/// parameter, then a top Route URI parameter.
+fn find_request_tag(msg: &SipMessage) -> Option<&[u8]> {
+    if let Some(Some(tag)) = msg.request_uri().and_then(|u| u.param(TAG_PARAM)) {
+        return Some(tag);
+    }
+    msg.top_route().and_then(|r| r.uri.param(TAG_PARAM)).flatten()
+}
+
+/// A Warning header value (RFC 3261 §20.43) carrying `text`.
+fn warning_value(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| match c {
+            '"' | '\\' => '\'',
+            c if c.is_control() => ' ',
+            c => c,
+        })
+        .collect();
+    format!("399 viaduct \"{clean}\"")
+}

@@ -1,0 +1,1663 @@
+//! Zero-copy scanner of the SIP fields routing needs.
+//!
+//! [`SipMessage::parse`] walks the header section once, validates the
+//! routing-critical fields and keeps only `u32` offsets into the message's
+//! [`Bytes`]; typed views ([`Via`], [`CSeq`], [`NameAddr`], [`Uri`]) are
+//! built on demand from those offsets and borrow from the message. Nothing is
+//! allocated per message.
+//!
+//! ```text
+//!  0                   sl_end      fields.start            fields.end  body.start   body.end
+//!  │ start-line         │CRLF│ name ":" value CRLF ...         │CRLF│    body         │
+//!  └─ INVITE sip:b@x SIP/2.0     │   ╰─ folded: CRLF (SP|HT) ...     └ empty line
+//!                                ╰─ name = token, LWS allowed before ":"
+//!
+//!  Via:   proto LWS? "/" LWS? version LWS? "/" LWS? transport LWS host [":" port]
+//!         *( LWS? ";" LWS? name [LWS? "=" LWS? value] ) [ "," via-parm ... ]
+//!  From/To/Contact/Route:
+//!         [ display ] "<" URI ">" *( ";" param )   |   URI-without-;?, *( ";" param )
+//!  URI:   scheme ":" [ user [":" password] "@" ] host [":" port] *( ";" p[=v] ) [ "?" headers ]
+//! ```
+//!
+//! Header names are case-insensitive and compact forms (`i`, `l`, `v`, `f`,
+//! `t`, `m`, ...) are recognised everywhere. A header that routing depends on
+//! (Via, Call-ID, CSeq, Max-Forwards, Content-Length, From, To, the first
+//! Contact and Route values) is validated during the scan: if present and
+//! malformed, or single-valued and repeated with another value, the scan
+//! fails. Missing headers are `None`, never errors: the router decides.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use memchr::{memchr, memmem};
+
+use super::Limits;
+
+/// Why a framed SIP message could not be scanned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScanError {
+    /// The message has no empty line (CRLFCRLF) ending its header section.
+    #[error("SIP header section is not terminated by an empty line (CRLFCRLF)")]
+    UnterminatedHeaders,
+    /// The header section is longer than [`Limits::max_header_bytes`].
+    #[error("SIP header section exceeds max_header_bytes = {limit}")]
+    HeaderTooLarge {
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The message is larger than 4 GiB, beyond what the scanner's offsets hold.
+    #[error("SIP message of {len} bytes exceeds the scanner's 4 GiB offset range")]
+    MessageTooLarge {
+        /// Length of the message.
+        len: usize,
+    },
+    /// The request or status line (line 1) is malformed.
+    #[error("invalid SIP start line: {reason}")]
+    InvalidStartLine {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The Request-URI of the request line is malformed.
+    #[error("invalid Request-URI in the request line: {reason}")]
+    InvalidRequestUri {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A header line has no colon separating name and value.
+    #[error("SIP header line {line} has no colon")]
+    MissingColon {
+        /// 1-based line number in the message (the start line is line 1).
+        line: usize,
+    },
+    /// A header name is empty or holds characters that are not `token` chars.
+    #[error("SIP header line {line} has an invalid header name")]
+    InvalidHeaderName {
+        /// 1-based line number in the message (the start line is line 1).
+        line: usize,
+    },
+    /// More header fields than [`Limits::max_headers`].
+    #[error("SIP message has more than max_headers = {limit} header fields")]
+    TooManyHeaders {
+        /// The limit in force.
+        limit: usize,
+    },
+    /// A routing-critical header is present but malformed.
+    #[error("malformed {header} header (line {line}): {reason}")]
+    MalformedHeader {
+        /// The header's canonical name, e.g. `"Via"`.
+        header: &'static str,
+        /// 1-based line number where the header field starts.
+        line: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A single-valued header appears again with a different value (RFC 4475 multi01).
+    #[error("single-valued {header} header repeated with a different value (line {line})")]
+    RepeatedHeader {
+        /// The header's canonical name, e.g. `"Call-ID"`.
+        header: &'static str,
+        /// 1-based line number of the repetition.
+        line: usize,
+    },
+    /// Content-Length announces more body bytes than the message holds.
+    #[error("body is {got} bytes but Content-Length says {content_length}")]
+    BodyTruncated {
+        /// The Content-Length value.
+        content_length: usize,
+        /// Body bytes actually present.
+        got: usize,
+    },
+}
+
+// ---------------------------------------------------------------------------
+// Lexical helpers (shared with the framer and the rewriter).
+
+const fn token_table() -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+            );
+        i += 1;
+    }
+    t
+}
+static TOKEN: [bool; 256] = token_table();
+
+/// `token` characters of RFC 3261 §25.1.
+pub(crate) fn is_token(b: u8) -> bool {
+    TOKEN[b as usize]
+}
+
+/// Whitespace inside a header value: SP, HT, and the CR LF of folded lines.
+pub(crate) fn is_lws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+pub(crate) fn skip_lws(s: &[u8], mut i: usize) -> usize {
+    while i < s.len() && is_lws(s[i]) {
+        i += 1;
+    }
+    i
+}
+
+pub(crate) fn trim_lws(s: &[u8]) -> &[u8] {
+    let start = skip_lws(s, 0);
+    let mut end = s.len();
+    while end > start && is_lws(s[end - 1]) {
+        end -= 1;
+    }
+    &s[start..end]
+}
+
+/// Offset of `sub` inside `base`; `sub` must be a sub-slice of `base`.
+pub(crate) fn offset_in(sub: &[u8], base: &[u8]) -> usize {
+    (sub.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize)
+}
+
+static CRLFCRLF: std::sync::LazyLock<memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memmem::Finder::new(b"\r\n\r\n"));
+
+/// Index of the first CRLFCRLF in `buf` (searcher built once).
+pub(crate) fn find_crlfcrlf(buf: &[u8]) -> Option<usize> {
+    CRLFCRLF.find(buf)
+}
+
+fn eq_ic(a: &[u8], b: &[u8]) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+/// Parses 1*DIGIT (surrounding LWS not allowed) as u64, `None` if not digits
+/// or overflowing.
+pub(crate) fn parse_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &b in s {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(v)
+}
+
+// ---------------------------------------------------------------------------
+// Header field iteration.
+
+/// One header field: name, trimmed value and the whole line(s) it occupies.
+#[derive(Debug, Clone)]
+pub(crate) struct Field {
+    /// Name, trailing SP/HT trimmed.
+    pub(crate) name: Range<usize>,
+    /// Value, LWS trimmed (may contain folds).
+    pub(crate) value: Range<usize>,
+    /// The field's bytes including continuation lines and the final CRLF.
+    pub(crate) line: Range<usize>,
+    /// 1-based line number of the field's first line.
+    pub(crate) line_no: usize,
+}
+
+/// A header line that is not `name ":" value`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FieldError {
+    MissingColon(usize),
+    InvalidName(usize),
+}
+
+/// Iterates the header fields in `buf[pos..end]`, where `end` is just past the
+/// CRLF of the last header line.
+#[derive(Debug, Clone)]
+pub(crate) struct Fields<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    end: usize,
+    line_no: usize,
+}
+
+impl<'a> Fields<'a> {
+    pub(crate) fn new(buf: &'a [u8], pos: usize, end: usize) -> Self {
+        Fields {
+            buf,
+            pos,
+            end,
+            line_no: 2,
+        }
+    }
+
+    /// End of the physical line starting at `p`: (content end, next line start).
+    fn line_end(&self, p: usize) -> (usize, usize) {
+        match memchr(b'\n', &self.buf[p..self.end]) {
+            Some(off) => {
+                let lf = p + off;
+                let content = if lf > p && self.buf[lf - 1] == b'\r' {
+                    lf - 1
+                } else {
+                    lf
+                };
+                (content, lf + 1)
+            }
+            None => (self.end, self.end),
+        }
+    }
+}
+
+impl Iterator for Fields<'_> {
+    type Item = Result<Field, FieldError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let start = self.pos;
+        let line_no = self.line_no;
+        let (first_end, mut next) = self.line_end(start);
+        let mut content_end = first_end;
+        self.line_no += 1;
+        while next < self.end && matches!(self.buf[next], b' ' | b'\t') {
+            let (ce, nx) = self.line_end(next);
+            content_end = ce;
+            next = nx;
+            self.line_no += 1;
+        }
+        self.pos = next;
+        let Some(colon) = memchr(b':', &self.buf[start..first_end]).map(|c| start + c) else {
+            return Some(Err(FieldError::MissingColon(line_no)));
+        };
+        let mut name_end = colon;
+        while name_end > start && matches!(self.buf[name_end - 1], b' ' | b'\t') {
+            name_end -= 1;
+        }
+        if name_end == start || matches!(self.buf[start], b' ' | b'\t') {
+            return Some(Err(FieldError::InvalidName(line_no)));
+        }
+        let vs = skip_lws(&self.buf[..content_end], colon + 1);
+        let mut ve = content_end;
+        while ve > vs && is_lws(self.buf[ve - 1]) {
+            ve -= 1;
+        }
+        Some(Ok(Field {
+            name: start..name_end,
+            value: vs..ve,
+            line: start..next,
+            line_no,
+        }))
+    }
+}
+
+/// Header fields the scanner tracks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Known {
+    CallId,
+    ContentLength,
+    Via,
+    From,
+    To,
+    Contact,
+    CSeq,
+    MaxForwards,
+    Route,
+    Other,
+}
+
+/// Classifies a header name (case-insensitive, compact forms included).
+pub(crate) fn classify(name: &[u8]) -> Known {
+    match name.len() {
+        1 => match name[0].to_ascii_lowercase() {
+            b'i' => Known::CallId,
+            b'l' => Known::ContentLength,
+            b'v' => Known::Via,
+            b'f' => Known::From,
+            b't' => Known::To,
+            b'm' => Known::Contact,
+            _ => Known::Other,
+        },
+        2 if eq_ic(name, b"to") => Known::To,
+        3 if eq_ic(name, b"via") => Known::Via,
+        4 if eq_ic(name, b"from") => Known::From,
+        4 if eq_ic(name, b"cseq") => Known::CSeq,
+        5 if eq_ic(name, b"route") => Known::Route,
+        7 if eq_ic(name, b"call-id") => Known::CallId,
+        7 if eq_ic(name, b"contact") => Known::Contact,
+        12 if eq_ic(name, b"max-forwards") => Known::MaxForwards,
+        14 if eq_ic(name, b"content-length") => Known::ContentLength,
+        _ => Known::Other,
+    }
+}
+
+/// Compact forms registered with IANA (RFC 3261 §7.3.3 and later RFCs).
+const COMPACT: [(u8, &str); 20] = [
+    (b'a', "accept-contact"),
+    (b'b', "referred-by"),
+    (b'c', "content-type"),
+    (b'd', "request-disposition"),
+    (b'e', "content-encoding"),
+    (b'f', "from"),
+    (b'i', "call-id"),
+    (b'j', "reject-contact"),
+    (b'k', "supported"),
+    (b'l', "content-length"),
+    (b'm', "contact"),
+    (b'n', "identity-info"),
+    (b'o', "event"),
+    (b'r', "refer-to"),
+    (b's', "subject"),
+    (b't', "to"),
+    (b'u', "allow-events"),
+    (b'v', "via"),
+    (b'x', "session-expires"),
+    (b'y', "identity"),
+];
+
+/// A header name to look for, in its long and compact spellings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NameQuery<'a> {
+    long: &'a [u8],
+    short: Option<u8>,
+}
+
+impl<'a> NameQuery<'a> {
+    pub(crate) fn new(name: &'a str) -> Self {
+        let n = name.trim().as_bytes();
+        if n.len() == 1 {
+            let c = n[0].to_ascii_lowercase();
+            if let Some(&(_, long)) = COMPACT.iter().find(|(s, _)| *s == c) {
+                return NameQuery {
+                    long: long.as_bytes(),
+                    short: Some(c),
+                };
+            }
+            return NameQuery {
+                long: n,
+                short: None,
+            };
+        }
+        let short = COMPACT
+            .iter()
+            .find(|(_, l)| eq_ic(l.as_bytes(), n))
+            .map(|(s, _)| *s);
+        NameQuery { long: n, short }
+    }
+
+    pub(crate) fn matches(&self, name: &[u8]) -> bool {
+        eq_ic(name, self.long)
+            || (name.len() == 1 && Some(name[0].to_ascii_lowercase()) == self.short)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Parameters.
+
+fn is_param_value_byte(b: u8) -> bool {
+    PVALUE[b as usize]
+}
+
+/// End (exclusive) of a quoted string starting at `s[i] == '"'`.
+fn quoted_end(s: &[u8], i: usize) -> Result<usize, &'static str> {
+    let mut j = i + 1;
+    while j < s.len() {
+        match s[j] {
+            b'\\' => j += 2,
+            b'"' => return Ok(j + 1),
+            _ => j += 1,
+        }
+    }
+    Err("unterminated quoted string")
+}
+
+/// One header parameter: name and optional value ranges within the scanned slice,
+/// plus the range from the name to the end of the value.
+#[derive(Debug, Clone)]
+pub(crate) struct Param {
+    pub(crate) name: Range<usize>,
+    pub(crate) value: Option<Range<usize>>,
+}
+
+/// Scans `*( LWS? ";" LWS? name [ LWS? "=" LWS? value ] )` from `i`, calling
+/// `f` for each parameter. Stops before a `,` or at the end of `s`; anything
+/// else is an error. Returns where it stopped.
+pub(crate) fn scan_params(
+    s: &[u8],
+    mut i: usize,
+    mut f: impl FnMut(Param),
+) -> Result<usize, &'static str> {
+    loop {
+        i = skip_lws(s, i);
+        if i >= s.len() || s[i] == b',' {
+            return Ok(i);
+        }
+        if s[i] != b';' {
+            return Err("unexpected character where a ';' parameter was expected");
+        }
+        i = skip_lws(s, i + 1);
+        let ns = i;
+        while i < s.len() && is_token(s[i]) {
+            i += 1;
+        }
+        if i == ns {
+            return Err("empty parameter name");
+        }
+        let name = ns..i;
+        let j = skip_lws(s, i);
+        if j < s.len() && s[j] == b'=' {
+            let vs = skip_lws(s, j + 1);
+            let ve = if vs < s.len() && s[vs] == b'"' {
+                quoted_end(s, vs)?
+            } else {
+                let mut e = vs;
+                while e < s.len() && is_param_value_byte(s[e]) {
+                    e += 1;
+                }
+                e
+            };
+            if ve == vs {
+                return Err("empty parameter value");
+            }
+            f(Param {
+                name,
+                value: Some(vs..ve),
+            });
+            i = ve;
+        } else {
+            f(Param { name, value: None });
+            i = j;
+        }
+    }
+}
+
+/// Looks a header parameter up in a `;`-separated region already validated.
+fn header_param<'a>(region: &'a [u8], name: &str) -> Option<Option<&'a [u8]>> {
+    let mut found = None;
+    let _ = scan_params(region, 0, |p| {
+        if found.is_none() && eq_ic(&region[p.name.clone()], name.as_bytes()) {
+            found = Some(p.value.map(|v| &region[v]));
+        }
+    });
+    found
+}
+
+/// Iterates URI parameters in `;a=b;c` (no LWS, no quoting): (name, value, whole range).
+pub(crate) fn uri_params(
+    region: &[u8],
+) -> impl Iterator<Item = (&[u8], Option<&[u8]>, Range<usize>)> {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        while pos < region.len() {
+            if region[pos] == b';' {
+                pos += 1;
+                continue;
+            }
+            let start = pos;
+            let end = memchr(b';', &region[pos..]).map_or(region.len(), |e| pos + e);
+            pos = end;
+            let item = &region[start..end];
+            return Some(match memchr(b'=', item) {
+                Some(eq) => (&item[..eq], Some(&item[eq + 1..]), start..end),
+                None => (item, None, start..end),
+            });
+        }
+        None
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Typed views.
+
+/// The request or status line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartLine<'a> {
+    /// `Method SP Request-URI SP SIP-Version`.
+    Request {
+        /// The method token, e.g. `INVITE`.
+        method: &'a [u8],
+        /// The Request-URI, raw.
+        uri: &'a [u8],
+        /// The version, e.g. `SIP/2.0` (the router answers 505 to others).
+        version: &'a [u8],
+    },
+    /// `SIP-Version SP Status-Code SP Reason-Phrase`.
+    Response {
+        /// The status code, 100..=699.
+        code: u16,
+        /// The reason phrase, raw (may be empty or UTF-8).
+        reason: &'a [u8],
+        /// The version, e.g. `SIP/2.0`.
+        version: &'a [u8],
+    },
+}
+
+/// The CSeq header: sequence number and method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CSeq<'a> {
+    /// The sequence number (at most 2^32-1).
+    pub seq: u32,
+    /// The method token.
+    pub method: &'a [u8],
+}
+
+/// One via-parm of a Via header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Via<'a> {
+    /// Protocol name, normally `SIP`.
+    pub protocol: &'a [u8],
+    /// Protocol version, normally `2.0`.
+    pub version: &'a [u8],
+    /// Transport, e.g. `UDP`, `TCP`, `TLS`, `SCTP`, `WS`.
+    pub transport: &'a [u8],
+    /// sent-by host; an IPv6 reference keeps its brackets.
+    pub host: &'a [u8],
+    /// sent-by port.
+    pub port: Option<u16>,
+    /// The `branch` parameter.
+    pub branch: Option<&'a [u8]>,
+    /// The `received` parameter.
+    pub received: Option<&'a [u8]>,
+    /// The `rport` parameter: `Some(None)` for a bare `;rport`.
+    pub rport: Option<Option<u16>>,
+    /// All parameters, raw, from the first `;` (empty if none).
+    pub params: &'a [u8],
+    /// The whole via-parm, trimmed.
+    pub raw: &'a [u8],
+}
+
+impl<'a> Via<'a> {
+    /// A parameter by name (case-insensitive): `Some(None)` if present without value.
+    pub fn param(&self, name: &str) -> Option<Option<&'a [u8]>> {
+        header_param(self.params, name)
+    }
+}
+
+const fn host_table() -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_');
+        i += 1;
+    }
+    t
+}
+static HOST: [bool; 256] = host_table();
+
+fn is_host_byte(b: u8) -> bool {
+    HOST[b as usize]
+}
+
+const fn uri_bad_table() -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = i < 0x21 || i == 0x7f;
+        i += 1;
+    }
+    t
+}
+static URI_BAD: [bool; 256] = uri_bad_table();
+
+const fn pvalue_table() -> [bool; 256] {
+    let mut t = [true; 256];
+    let bad = b";, \t\r\n\"<>";
+    let mut i = 0;
+    while i < bad.len() {
+        t[bad[i] as usize] = false;
+        i += 1;
+    }
+    t
+}
+static PVALUE: [bool; 256] = pvalue_table();
+
+/// Scans a host (`[IPv6]` or hostname/IPv4) at `s[i..]`, returning its end.
+fn scan_host(s: &[u8], i: usize) -> Result<usize, &'static str> {
+    if i < s.len() && s[i] == b'[' {
+        let close = memchr(b']', &s[i..]).ok_or("unterminated IPv6 reference")? + i;
+        let inner = &s[i + 1..close];
+        if inner.is_empty()
+            || !inner
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        {
+            return Err("invalid IPv6 reference");
+        }
+        return Ok(close + 1);
+    }
+    let mut j = i;
+    while j < s.len() && is_host_byte(s[j]) {
+        j += 1;
+    }
+    if j == i {
+        return Err("missing host");
+    }
+    Ok(j)
+}
+
+fn parse_port(s: &[u8]) -> Result<u16, &'static str> {
+    match parse_u64(s) {
+        Some(p) if p <= u64::from(u16::MAX) && s.len() <= 5 => Ok(p as u16),
+        _ => Err("invalid port"),
+    }
+}
+
+fn scan_token(s: &[u8], i: usize) -> usize {
+    let mut j = i;
+    while j < s.len() && is_token(s[j]) {
+        j += 1;
+    }
+    j
+}
+
+/// Parses the via-parm at `s[i..]`; returns it and the index after its
+/// terminating `,` (or `s.len()`).
+pub(crate) fn parse_via(s: &[u8], i: usize) -> Result<(Via<'_>, usize), &'static str> {
+    let start = skip_lws(s, i);
+    let mut parts: [&[u8]; 3] = [&[], &[], &[]];
+    let mut j = start;
+    for (k, part) in parts.iter_mut().enumerate() {
+        if k > 0 {
+            j = skip_lws(s, j);
+            if j >= s.len() || s[j] != b'/' {
+                return Err("sent-protocol is not name/version/transport");
+            }
+            j = skip_lws(s, j + 1);
+        }
+        let e = scan_token(s, j);
+        if e == j {
+            return Err("sent-protocol is not name/version/transport");
+        }
+        *part = &s[j..e];
+        j = e;
+    }
+    let h = skip_lws(s, j);
+    if h == j {
+        return Err("no whitespace between sent-protocol and sent-by");
+    }
+    let he = scan_host(s, h)?;
+    let host = &s[h..he];
+    let mut j = skip_lws(s, he);
+    let mut port = None;
+    if j < s.len() && s[j] == b':' {
+        let ps = skip_lws(s, j + 1);
+        let mut pe = ps;
+        while pe < s.len() && s[pe].is_ascii_digit() {
+            pe += 1;
+        }
+        port = Some(parse_port(&s[ps..pe])?);
+        j = pe;
+    }
+    let params_start = skip_lws(s, j);
+    let mut branch = None;
+    let mut received = None;
+    let mut rport: Option<Option<&[u8]>> = None;
+    let end = scan_params(s, j, |p| {
+        let n = &s[p.name.clone()];
+        let v = p.value.map(|v| &s[v]);
+        if eq_ic(n, b"branch") && branch.is_none() {
+            branch = Some(v.unwrap_or_default());
+        } else if eq_ic(n, b"received") && received.is_none() {
+            received = Some(v.unwrap_or_default());
+        } else if eq_ic(n, b"rport") && rport.is_none() {
+            rport = Some(v);
+        }
+    })?;
+    let rport = match rport {
+        None => None,
+        Some(None) => Some(None),
+        Some(Some(v)) => Some(Some(parse_port(v).map_err(|_| "invalid rport")?)),
+    };
+    if branch == Some(&[][..]) || received == Some(&[][..]) {
+        return Err("branch/received without a value");
+    }
+    let raw = trim_lws(&s[start..end]);
+    let params = trim_lws(&s[params_start.min(end)..end]);
+    let next = if end < s.len() { end + 1 } else { end };
+    Ok((
+        Via {
+            protocol: parts[0],
+            version: parts[1],
+            transport: parts[2],
+            host,
+            port,
+            branch,
+            received,
+            rport,
+            params,
+            raw,
+        },
+        next,
+    ))
+}
+
+/// A parsed URI. `sip:`/`sips:` URIs are split into parts; other schemes keep
+/// everything after the colon in `host`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uri<'a> {
+    /// The scheme, e.g. `sip`.
+    pub scheme: &'a [u8],
+    /// The user part (may contain `;`, RFC 4475 semiuri), without password.
+    pub user: Option<&'a [u8]>,
+    /// Host; an IPv6 reference keeps its brackets.
+    pub host: &'a [u8],
+    /// Port.
+    pub port: Option<u16>,
+    /// URI parameters, raw, starting with `;` (empty if none).
+    pub params: &'a [u8],
+    /// URI headers after `?`, raw, without the `?`.
+    pub headers: Option<&'a [u8]>,
+    /// The whole URI.
+    pub raw: &'a [u8],
+}
+
+impl<'a> Uri<'a> {
+    /// Parses a URI (no surrounding `<>`, no whitespace).
+    pub fn parse(raw: &'a [u8]) -> Option<Self> {
+        parse_uri(raw).ok()
+    }
+
+    /// A URI parameter by name (case-insensitive): `Some(None)` if present without value.
+    pub fn param(&self, name: &str) -> Option<Option<&'a [u8]>> {
+        uri_params(self.params)
+            .find(|(n, _, _)| eq_ic(n, name.as_bytes()))
+            .map(|(_, v, _)| v)
+    }
+}
+
+pub(crate) fn parse_uri(raw: &[u8]) -> Result<Uri<'_>, &'static str> {
+    let colon = memchr(b':', raw).ok_or("no scheme")?;
+    let scheme = &raw[..colon];
+    if scheme.is_empty()
+        || !scheme[0].is_ascii_alphabetic()
+        || !scheme
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+    {
+        return Err("invalid scheme");
+    }
+    if raw.iter().any(|&b| URI_BAD[b as usize]) {
+        return Err("whitespace or control character inside the URI");
+    }
+    let rest = &raw[colon + 1..];
+    if !(eq_ic(scheme, b"sip") || eq_ic(scheme, b"sips")) {
+        if rest.is_empty() {
+            return Err("empty URI after the scheme");
+        }
+        return Ok(Uri {
+            scheme,
+            user: None,
+            host: rest,
+            port: None,
+            params: &[],
+            headers: None,
+            raw,
+        });
+    }
+    let (user, hp_start) = match memchr(b'@', rest) {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = memchr(b':', userinfo).map_or(userinfo, |c| &userinfo[..c]);
+            if user.is_empty() {
+                return Err("empty user part");
+            }
+            (Some(user), at + 1)
+        }
+        None => (None, 0),
+    };
+    let hp = &rest[hp_start..];
+    let he = scan_host(hp, 0)?;
+    let host = &hp[..he];
+    let mut j = he;
+    let mut port = None;
+    if j < hp.len() && hp[j] == b':' {
+        let ps = j + 1;
+        let mut pe = ps;
+        while pe < hp.len() && hp[pe].is_ascii_digit() {
+            pe += 1;
+        }
+        port = Some(parse_port(&hp[ps..pe])?);
+        j = pe;
+    }
+    let q = memchr(b'?', &hp[j..]).map_or(hp.len(), |q| j + q);
+    let params = &hp[j..q];
+    if !params.is_empty() {
+        if params[0] != b';' {
+            return Err("unexpected character after host");
+        }
+        if params[1..].split(|&b| b == b';').any(|p| {
+            let name = memchr(b'=', p).map_or(p, |e| &p[..e]);
+            name.is_empty()
+        }) {
+            return Err("empty URI parameter");
+        }
+    }
+    let headers = (q < hp.len()).then(|| &hp[q + 1..]);
+    Ok(Uri {
+        scheme,
+        user,
+        host,
+        port,
+        params,
+        headers,
+        raw,
+    })
+}
+
+/// A name-addr or addr-spec with header parameters (From, To, Contact, Route).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameAddr<'a> {
+    /// Display name as written (quotes kept for a quoted string), if any.
+    pub display: Option<&'a [u8]>,
+    /// The URI (inside `<>` for a name-addr).
+    pub uri: Uri<'a>,
+    /// Header parameters after the URI (e.g. `;tag=..`), raw, from the first `;`.
+    pub params: &'a [u8],
+    /// The whole value, trimmed.
+    pub raw: &'a [u8],
+}
+
+impl<'a> NameAddr<'a> {
+    /// A header parameter by name (case-insensitive), e.g. `tag`.
+    pub fn param(&self, name: &str) -> Option<Option<&'a [u8]>> {
+        header_param(self.params, name)
+    }
+
+    /// Parses one name-addr / addr-spec value (commas not allowed after it).
+    pub fn parse(value: &'a [u8]) -> Option<Self> {
+        match parse_name_addr(value, 0) {
+            Ok((na, next)) if next >= value.len() => Some(na),
+            _ => None,
+        }
+    }
+}
+
+/// Parses the name-addr/addr-spec at `s[i..]`; returns it and the index after
+/// its terminating `,` (or `s.len()`).
+pub(crate) fn parse_name_addr(s: &[u8], i: usize) -> Result<(NameAddr<'_>, usize), &'static str> {
+    let start = skip_lws(s, i);
+    let mut j = start;
+    let mut display = None;
+    let uri_range;
+    let after_uri;
+    if j < s.len() && s[j] == b'"' {
+        let qe = quoted_end(s, j)?;
+        display = Some(&s[j..qe]);
+        j = skip_lws(s, qe);
+        if j >= s.len() || s[j] != b'<' {
+            return Err("quoted display name not followed by '<'");
+        }
+    } else {
+        let mut k = j;
+        while k < s.len()
+            && (is_token(s[k]) || matches!(s[k], b' ' | b'\t' | b'\r' | b'\n') || s[k] >= 0x80)
+        {
+            k += 1;
+        }
+        if k < s.len() && s[k] == b'<' {
+            let d = trim_lws(&s[j..k]);
+            if !d.is_empty() {
+                display = Some(d);
+            }
+            j = k;
+        }
+    }
+    if j < s.len() && s[j] == b'<' {
+        let close = memchr(b'>', &s[j..]).ok_or("'<' without '>'")? + j;
+        if s[j + 1..close].iter().any(|&b| is_lws(b)) {
+            return Err("whitespace inside '<>'");
+        }
+        uri_range = j + 1..close;
+        after_uri = close + 1;
+    } else {
+        // addr-spec: the URI ends at the first ';', ',' or whitespace.
+        let mut e = j;
+        while e < s.len() && !matches!(s[e], b';' | b',' | b' ' | b'\t' | b'\r' | b'\n') {
+            e += 1;
+        }
+        if memchr(b'?', &s[j..e]).is_some() {
+            return Err("URI with '?' headers must be enclosed in '<>'");
+        }
+        uri_range = j..e;
+        after_uri = e;
+    }
+    let uri = parse_uri(&s[uri_range])?;
+    let ps = skip_lws(s, after_uri);
+    let end = scan_params(s, after_uri, |_| {})?;
+    let next = if end < s.len() { end + 1 } else { end };
+    Ok((
+        NameAddr {
+            display,
+            uri,
+            params: &s[ps.min(end)..end],
+            raw: trim_lws(&s[start..end]),
+        },
+        next,
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// The message.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    // Offsets fit: parse rejects messages longer than u32::MAX.
+    fn new(r: Range<usize>) -> Self {
+        Span {
+            start: r.start as u32,
+            end: r.end as u32,
+        }
+    }
+    fn get(self, buf: &[u8]) -> &[u8] {
+        buf.get(self.start as usize..self.end as usize)
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartSpans {
+    Request {
+        method: Span,
+        uri: Span,
+        version: Span,
+    },
+    Response {
+        code: u16,
+        reason: Span,
+        version: Span,
+    },
+}
+
+/// A framed SIP message with the offsets of what routing needs.
+///
+/// Cheap to clone (the bytes are reference counted). All accessors borrow from
+/// [`SipMessage::bytes`].
+#[derive(Debug, Clone)]
+pub struct SipMessage {
+    bytes: Bytes,
+    start: StartSpans,
+    fields: Span,
+    body: Span,
+    call_id: Option<Span>,
+    cseq: Option<(u32, Span)>,
+    via: Option<Span>,
+    route: Option<Span>,
+    contact: Option<Span>,
+    from: Option<Span>,
+    to: Option<Span>,
+    max_forwards: Option<u32>,
+    content_length: Option<u32>,
+    header_count: u32,
+}
+
+fn is_version(v: &[u8]) -> bool {
+    if v.len() < 7 || !eq_ic(&v[..4], b"SIP/") {
+        return false;
+    }
+    let rest = &v[4..];
+    match memchr(b'.', rest) {
+        Some(d) => {
+            d > 0
+                && d + 1 < rest.len()
+                && rest[..d].iter().all(u8::is_ascii_digit)
+                && rest[d + 1..].iter().all(u8::is_ascii_digit)
+        }
+        None => false,
+    }
+}
+
+fn parse_start_line(line: &[u8]) -> Result<StartSpans, ScanError> {
+    let bad = |reason| ScanError::InvalidStartLine { reason };
+    if line.len() >= 4 && eq_ic(&line[..4], b"SIP/") {
+        let sp = memchr(b' ', line).ok_or(bad("status line has no status code"))?;
+        if !is_version(&line[..sp]) {
+            return Err(bad("status line version is not SIP/x.y"));
+        }
+        let rest = &line[sp + 1..];
+        let code_end = memchr(b' ', rest).unwrap_or(rest.len());
+        let code = &rest[..code_end];
+        if code.len() != 3 || !code.iter().all(u8::is_ascii_digit) {
+            return Err(bad("status code is not 3 digits"));
+        }
+        let code = u16::from(code[0] - b'0') * 100
+            + u16::from(code[1] - b'0') * 10
+            + u16::from(code[2] - b'0');
+        if !(100..=699).contains(&code) {
+            return Err(bad("status code outside 100..=699"));
+        }
+        let reason_start = sp + 1 + (code_end + 1).min(rest.len());
+        if line[reason_start..]
+            .iter()
+            .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f)
+        {
+            return Err(bad("control character in the reason phrase"));
+        }
+        return Ok(StartSpans::Response {
+            code,
+            reason: Span::new(reason_start..line.len()),
+            version: Span::new(0..sp),
+        });
+    }
+    let sp1 = memchr(b' ', line).ok_or(bad("request line has no Request-URI"))?;
+    if sp1 == 0 || !line[..sp1].iter().all(|&b| is_token(b)) {
+        return Err(bad("method is not a token"));
+    }
+    let sp2 = memchr(b' ', &line[sp1 + 1..])
+        .map(|o| sp1 + 1 + o)
+        .ok_or(bad("request line has no SIP version"))?;
+    if sp2 == sp1 + 1 {
+        return Err(bad("more than one SP between method and Request-URI"));
+    }
+    let version = &line[sp2 + 1..];
+    if memchr(b' ', version).is_some() || version.is_empty() {
+        return Err(bad(
+            "extra SP in the request line (whitespace in the Request-URI or after the version)",
+        ));
+    }
+    if !is_version(version) {
+        return Err(bad("request line version is not SIP/x.y"));
+    }
+    parse_uri(&line[sp1 + 1..sp2]).map_err(|reason| ScanError::InvalidRequestUri { reason })?;
+    Ok(StartSpans::Request {
+        method: Span::new(0..sp1),
+        uri: Span::new(sp1 + 1..sp2),
+        version: Span::new(sp2 + 1..line.len()),
+    })
+}
+
+fn malformed(header: &'static str, line: usize) -> impl Fn(&'static str) -> ScanError {
+    move |reason| ScanError::MalformedHeader {
+        header,
+        line,
+        reason,
+    }
+}
+
+/// Stores a single-valued header, rejecting a different repetition.
+fn set_single(
+    slot: &mut Option<Span>,
+    buf: &[u8],
+    value: Range<usize>,
+    header: &'static str,
+    line: usize,
+) -> Result<bool, ScanError> {
+    match slot {
+        Some(prev) if prev.get(buf) != &buf[value.clone()] => {
+            Err(ScanError::RepeatedHeader { header, line })
+        }
+        Some(_) => Ok(false),
+        None => {
+            *slot = Some(Span::new(value));
+            Ok(true)
+        }
+    }
+}
+
+fn parse_cseq(v: &[u8]) -> Result<(u32, Range<usize>), &'static str> {
+    let mut d = 0;
+    while d < v.len() && v[d].is_ascii_digit() {
+        d += 1;
+    }
+    if d == 0 {
+        return Err("sequence number is not a number");
+    }
+    let seq = parse_u64(&v[..d])
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or("sequence number exceeds 2^32-1")?;
+    let ms = skip_lws(v, d);
+    if ms == d {
+        return Err("no whitespace between sequence number and method");
+    }
+    let me = scan_token(v, ms);
+    if me == ms || me != v.len() {
+        return Err("method is not a token");
+    }
+    Ok((seq, ms..me))
+}
+
+impl SipMessage {
+    /// Scans a framed message with [`Limits::default`].
+    pub fn parse(bytes: Bytes) -> Result<Self, ScanError> {
+        Self::parse_with(bytes, &Limits::default())
+    }
+
+    /// Scans a framed message (start line, headers, empty line, body).
+    ///
+    /// Bytes after `Content-Length` body bytes are ignored (they are not part
+    /// of the body); fewer is [`ScanError::BodyTruncated`].
+    pub fn parse_with(bytes: Bytes, limits: &Limits) -> Result<Self, ScanError> {
+        let buf = &bytes[..];
+        if u32::try_from(buf.len()).is_err() {
+            return Err(ScanError::MessageTooLarge { len: buf.len() });
+        }
+        let Some(h) = find_crlfcrlf(buf) else {
+            if buf.len() > limits.max_header_bytes {
+                return Err(ScanError::HeaderTooLarge {
+                    limit: limits.max_header_bytes,
+                });
+            }
+            return Err(ScanError::UnterminatedHeaders);
+        };
+        if h + 4 > limits.max_header_bytes {
+            return Err(ScanError::HeaderTooLarge {
+                limit: limits.max_header_bytes,
+            });
+        }
+        // h is the first CRLF of the first CRLFCRLF, so the start line ends at or before it.
+        let sl_end = memchr(b'\n', &buf[..h + 2])
+            .filter(|&lf| lf > 0 && buf[lf - 1] == b'\r')
+            .map_or(h, |lf| lf - 1);
+        let start = parse_start_line(&buf[..sl_end])?;
+        let fields_start = (sl_end + 2).min(h + 2);
+        let fields_end = h + 2;
+
+        let mut msg = SipMessage {
+            bytes: Bytes::new(),
+            start,
+            fields: Span::new(fields_start..fields_end),
+            body: Span::default(),
+            call_id: None,
+            cseq: None,
+            via: None,
+            route: None,
+            contact: None,
+            from: None,
+            to: None,
+            max_forwards: None,
+            content_length: None,
+            header_count: 0,
+        };
+        let mut count = 0usize;
+        for field in Fields::new(buf, fields_start, fields_end) {
+            let f = field.map_err(|e| match e {
+                FieldError::MissingColon(line) => ScanError::MissingColon { line },
+                FieldError::InvalidName(line) => ScanError::InvalidHeaderName { line },
+            })?;
+            count += 1;
+            if count > limits.max_headers {
+                return Err(ScanError::TooManyHeaders {
+                    limit: limits.max_headers,
+                });
+            }
+            let name = &buf[f.name.clone()];
+            if !name.iter().all(|&b| is_token(b)) {
+                return Err(ScanError::InvalidHeaderName { line: f.line_no });
+            }
+            let v = &buf[f.value.clone()];
+            let line = f.line_no;
+            match classify(name) {
+                Known::Other => {}
+                Known::CallId => {
+                    let bad = malformed("Call-ID", line);
+                    if v.is_empty() {
+                        return Err(bad("empty value"));
+                    }
+                    if v.iter().any(|&b| is_lws(b) || b < 0x20 || b == 0x7f) {
+                        return Err(bad("whitespace or control character in the value"));
+                    }
+                    set_single(&mut msg.call_id, buf, f.value, "Call-ID", line)?;
+                }
+                Known::CSeq => {
+                    let (seq, m) = parse_cseq(v).map_err(malformed("CSeq", line))?;
+                    let m = f.value.start + m.start..f.value.start + m.end;
+                    match msg.cseq {
+                        Some((s, pm)) if s != seq || pm.get(buf) != &buf[m.clone()] => {
+                            return Err(ScanError::RepeatedHeader {
+                                header: "CSeq",
+                                line,
+                            })
+                        }
+                        Some(_) => {}
+                        None => msg.cseq = Some((seq, Span::new(m))),
+                    }
+                }
+                Known::MaxForwards => {
+                    let n = parse_u64(v)
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or("not a number up to 2^32-1")
+                        .map_err(malformed("Max-Forwards", line))?;
+                    match msg.max_forwards {
+                        Some(p) if p != n => {
+                            return Err(ScanError::RepeatedHeader {
+                                header: "Max-Forwards",
+                                line,
+                            })
+                        }
+                        _ => msg.max_forwards = Some(n),
+                    }
+                }
+                Known::ContentLength => {
+                    let n = parse_u64(v)
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or("not a non-negative number")
+                        .map_err(malformed("Content-Length", line))?;
+                    match msg.content_length {
+                        Some(p) if p != n => {
+                            return Err(ScanError::RepeatedHeader {
+                                header: "Content-Length",
+                                line,
+                            })
+                        }
+                        _ => msg.content_length = Some(n),
+                    }
+                }
+                Known::Via => {
+                    if v.is_empty() {
+                        return Err(malformed("Via", line)("empty value"));
+                    }
+                    let mut i = 0;
+                    while i < v.len() {
+                        let (_, next) = parse_via(v, i).map_err(malformed("Via", line))?;
+                        i = next;
+                    }
+                    if v.last() == Some(&b',') {
+                        return Err(malformed("Via", line)("empty via-parm after ','"));
+                    }
+                    if msg.via.is_none() {
+                        msg.via = Some(Span::new(f.value));
+                    }
+                }
+                Known::From | Known::To => {
+                    let header = if classify(name) == Known::From {
+                        "From"
+                    } else {
+                        "To"
+                    };
+                    let slot = if header == "From" {
+                        &mut msg.from
+                    } else {
+                        &mut msg.to
+                    };
+                    if set_single(slot, buf, f.value.clone(), header, line)? {
+                        let (_, next) = parse_name_addr(v, 0).map_err(malformed(header, line))?;
+                        if next < v.len() || v.last() == Some(&b',') {
+                            return Err(malformed(header, line)("more than one value"));
+                        }
+                    }
+                }
+                Known::Contact => {
+                    if msg.contact.is_none() {
+                        if v.is_empty() {
+                            return Err(malformed("Contact", line)("empty value"));
+                        }
+                        if v != b"*" {
+                            parse_name_addr(v, 0).map_err(malformed("Contact", line))?;
+                        }
+                        msg.contact = Some(Span::new(f.value));
+                    }
+                }
+                Known::Route => {
+                    if msg.route.is_none() {
+                        parse_name_addr(v, 0).map_err(malformed("Route", line))?;
+                        msg.route = Some(Span::new(f.value));
+                    }
+                }
+            }
+        }
+        let body_start = h + 4;
+        let avail = buf.len() - body_start;
+        let body_len = match msg.content_length {
+            Some(cl) => {
+                let cl = cl as usize;
+                if cl > avail {
+                    return Err(ScanError::BodyTruncated {
+                        content_length: cl,
+                        got: avail,
+                    });
+                }
+                cl
+            }
+            None => avail,
+        };
+        msg.body = Span::new(body_start..body_start + body_len);
+        msg.header_count = count as u32;
+        msg.bytes = bytes;
+        Ok(msg)
+    }
+
+    /// The whole message.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// A zero-copy [`Bytes`] for `part`, which must borrow from this message
+    /// (e.g. the result of [`SipMessage::call_id`]).
+    ///
+    /// # Panics
+    ///
+    /// If `part` is not within [`SipMessage::bytes`] (see [`Bytes::slice_ref`]).
+    pub fn slice(&self, part: &[u8]) -> Bytes {
+        self.bytes.slice_ref(part)
+    }
+
+    /// The request or status line.
+    pub fn start_line(&self) -> StartLine<'_> {
+        let b = &self.bytes[..];
+        match self.start {
+            StartSpans::Request {
+                method,
+                uri,
+                version,
+            } => StartLine::Request {
+                method: method.get(b),
+                uri: uri.get(b),
+                version: version.get(b),
+            },
+            StartSpans::Response {
+                code,
+                reason,
+                version,
+            } => StartLine::Response {
+                code,
+                reason: reason.get(b),
+                version: version.get(b),
+            },
+        }
+    }
+
+    /// The method of a request.
+    pub fn method(&self) -> Option<&[u8]> {
+        match self.start {
+            StartSpans::Request { method, .. } => Some(method.get(&self.bytes)),
+            StartSpans::Response { .. } => None,
+        }
+    }
+
+    /// The status code of a response.
+    pub fn status(&self) -> Option<u16> {
+        match self.start {
+            StartSpans::Request { .. } => None,
+            StartSpans::Response { code, .. } => Some(code),
+        }
+    }
+
+    /// Whether this is a request.
+    pub fn is_request(&self) -> bool {
+        matches!(self.start, StartSpans::Request { .. })
+    }
+
+    /// The Request-URI of a request (validated by the scan).
+    pub fn request_uri(&self) -> Option<Uri<'_>> {
+        match self.start {
+            StartSpans::Request { uri, .. } => parse_uri(uri.get(&self.bytes)).ok(),
+            StartSpans::Response { .. } => None,
+        }
+    }
+
+    /// The Call-ID value.
+    pub fn call_id(&self) -> Option<&[u8]> {
+        self.call_id.map(|s| s.get(&self.bytes))
+    }
+
+    /// The CSeq header.
+    pub fn cseq(&self) -> Option<CSeq<'_>> {
+        self.cseq.map(|(seq, m)| CSeq {
+            seq,
+            method: m.get(&self.bytes),
+        })
+    }
+
+    /// The first via-parm of the first Via header.
+    pub fn top_via(&self) -> Option<Via<'_>> {
+        let v = self.via?.get(&self.bytes);
+        parse_via(v, 0).ok().map(|(via, _)| via)
+    }
+
+    /// Every via-parm of every Via header, top first.
+    pub fn vias(&self) -> impl Iterator<Item = Via<'_>> {
+        self.headers("via").flat_map(|v| {
+            let mut i = 0;
+            std::iter::from_fn(move || {
+                if i >= v.len() {
+                    return None;
+                }
+                let (via, next) = parse_via(v, i).ok()?;
+                i = next;
+                Some(via)
+            })
+        })
+    }
+
+    /// The first value of the first Route header.
+    pub fn top_route(&self) -> Option<NameAddr<'_>> {
+        let v = self.route?.get(&self.bytes);
+        parse_name_addr(v, 0).ok().map(|(na, _)| na)
+    }
+
+    /// The first value of the first Contact header (`None` for `Contact: *`).
+    pub fn contact(&self) -> Option<NameAddr<'_>> {
+        let v = self.contact?.get(&self.bytes);
+        parse_name_addr(v, 0).ok().map(|(na, _)| na)
+    }
+
+    /// The From header.
+    pub fn from(&self) -> Option<NameAddr<'_>> {
+        let v = self.from?.get(&self.bytes);
+        parse_name_addr(v, 0).ok().map(|(na, _)| na)
+    }
+
+    /// The To header.
+    pub fn to(&self) -> Option<NameAddr<'_>> {
+        let v = self.to?.get(&self.bytes);
+        parse_name_addr(v, 0).ok().map(|(na, _)| na)
+    }
+
+    /// The From tag.
+    pub fn from_tag(&self) -> Option<&[u8]> {
+        self.from()?.param("tag").flatten()
+    }
+
+    /// The To tag.
+    pub fn to_tag(&self) -> Option<&[u8]> {
+        self.to()?.param("tag").flatten()
+    }
+
+    /// The Max-Forwards value.
+    pub fn max_forwards(&self) -> Option<u32> {
+        self.max_forwards
+    }
+
+    /// The Content-Length value.
+    pub fn content_length(&self) -> Option<usize> {
+        self.content_length.map(|c| c as usize)
+    }
+
+    /// How many header fields the message has.
+    pub fn header_count(&self) -> usize {
+        self.header_count as usize
+    }
+
+    /// The first value of a header, raw and LWS-trimmed (folds inside kept).
+    /// `name` is case-insensitive and compact-aware (`"i"` finds `Call-ID`
+    /// and `"call-id"` finds `i`).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        let q = NameQuery::new(name);
+        let buf = &self.bytes[..];
+        self.fields()
+            .filter_map(Result::ok)
+            .find(|f| q.matches(&buf[f.name.clone()]))
+            .map(|f| &buf[f.value])
+    }
+
+    /// Every value of a header, one per header line (comma lists not split).
+    pub fn headers<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+        let q = NameQuery::new(name);
+        let buf = &self.bytes[..];
+        Fields::new(buf, self.fields.start as usize, self.fields.end as usize)
+            .filter_map(Result::ok)
+            .filter(move |f| q.matches(&buf[f.name.clone()]))
+            .map(move |f| &buf[f.value])
+    }
+
+    pub(crate) fn fields(&self) -> Fields<'_> {
+        Fields::new(
+            &self.bytes,
+            self.fields.start as usize,
+            self.fields.end as usize,
+        )
+    }
+
+    /// Offset where header fields start (just after the start line's CRLF).
+    pub(crate) fn fields_start(&self) -> usize {
+        self.fields.start as usize
+    }
+
+    /// The raw value of the first Via, Contact, Route header (for the rewriter).
+    pub(crate) fn raw_via(&self) -> Option<&[u8]> {
+        self.via.map(|s| s.get(&self.bytes))
+    }
+    pub(crate) fn raw_contact(&self) -> Option<&[u8]> {
+        self.contact.map(|s| s.get(&self.bytes))
+    }
+    pub(crate) fn raw_route(&self) -> Option<&[u8]> {
+        self.route.map(|s| s.get(&self.bytes))
+    }
+
+    /// The body (exactly Content-Length bytes when present).
+    pub fn body(&self) -> &[u8] {
+        self.body.get(&self.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(s: &str) -> Result<SipMessage, ScanError> {
+        SipMessage::parse(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    const INV: &str = "INVITE sip:bob@biloxi.example.com SIP/2.0\r\n\
+Via: SIP/2.0/UDP pc33.atlanta.example.com;branch=z9hG4bK776asdhds;rport\r\n\
+Max-Forwards: 70\r\n\
+To: Bob <sip:bob@biloxi.example.com>\r\n\
+From: \"Alice\" <sip:alice@atlanta.example.com>;tag=1928301774\r\n\
+Call-ID: a84b4c76e66710@pc33.atlanta.example.com\r\n\
+CSeq: 314159 INVITE\r\n\
+Contact: <sip:alice@pc33.atlanta.example.com>\r\n\
+Content-Length: 4\r\n\r\nbody";
+
+    #[test]
+    fn scans_basic_request() {
+        let m = msg(INV).unwrap();
+        assert!(m.is_request());
+        assert_eq!(m.method(), Some(&b"INVITE"[..]));
+        assert_eq!(
+            m.call_id(),
+            Some(&b"a84b4c76e66710@pc33.atlanta.example.com"[..])
+        );
+        let v = m.top_via().unwrap();
+        assert_eq!(v.transport, b"UDP");
+        assert_eq!(v.host, b"pc33.atlanta.example.com");
+        assert_eq!(v.branch, Some(&b"z9hG4bK776asdhds"[..]));
+        assert_eq!(v.rport, Some(None));
+        assert_eq!(m.cseq().unwrap().seq, 314159);
+        assert_eq!(m.from_tag(), Some(&b"1928301774"[..]));
+        assert_eq!(m.to_tag(), None);
+        assert_eq!(m.max_forwards(), Some(70));
+        assert_eq!(m.body(), b"body");
+        assert_eq!(m.header("i"), m.call_id());
+        assert_eq!(
+            m.header("CONTACT"),
+            Some(&b"<sip:alice@pc33.atlanta.example.com>"[..])
+        );
+    }
+
+    #[test]
+    fn status_line_rules() {
+        assert!(msg("SIP/2.0 200 OK\r\n\r\n").is_ok());
+        assert!(msg("SIP/2.0 100 \r\n\r\n").is_ok());
+        assert!(matches!(
+            msg("SIP/2.0 4294967301 Big\r\n\r\n"),
+            Err(ScanError::InvalidStartLine { .. })
+        ));
+        assert!(matches!(
+            msg("SIP/2.0 099 Low\r\n\r\n"),
+            Err(ScanError::InvalidStartLine { .. })
+        ));
+    }
+
+    #[test]
+    fn request_line_rules() {
+        assert!(matches!(
+            msg("INVITE  sip:a@b SIP/2.0\r\n\r\n"),
+            Err(ScanError::InvalidStartLine { .. })
+        ));
+        assert!(matches!(
+            msg("INVITE sip:a@b SIP/2.0 \r\n\r\n"),
+            Err(ScanError::InvalidStartLine { .. })
+        ));
+        assert!(matches!(
+            msg("INVITE <sip:a@b> SIP/2.0\r\n\r\n"),
+            Err(ScanError::InvalidRequestUri { .. })
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_header() {
+        let e = msg("OPTIONS sip:a@b SIP/2.0\r\nCSeq: 99999999999 OPTIONS\r\n\r\n").unwrap_err();
+        assert!(e.to_string().contains("CSeq"), "{e}");
+        let e = msg("OPTIONS sip:a@b SIP/2.0\r\ni: a\r\nCall-ID: b\r\n\r\n").unwrap_err();
+        assert_eq!(
+            e,
+            ScanError::RepeatedHeader {
+                header: "Call-ID",
+                line: 3
+            }
+        );
+        let e = msg("OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;;\r\n\r\n").unwrap_err();
+        assert!(e.to_string().contains("Via"), "{e}");
+        let e = msg("OPTIONS sip:a@b SIP/2.0\r\nfoo\r\n\r\n").unwrap_err();
+        assert_eq!(e, ScanError::MissingColon { line: 2 });
+    }
+
+    #[test]
+    fn folded_and_spaced_via() {
+        let m = msg("OPTIONS sip:a@b SIP/2.0\r\nVia  : SIP  /   2.0\r\n /UDP\r\n    192.0.2.2;branch=390skdjuw\r\n\r\n").unwrap();
+        let v = m.top_via().unwrap();
+        assert_eq!(
+            (v.protocol, v.version, v.transport),
+            (&b"SIP"[..], &b"2.0"[..], &b"UDP"[..])
+        );
+        assert_eq!(v.host, b"192.0.2.2");
+        assert_eq!(v.branch, Some(&b"390skdjuw"[..]));
+    }
+
+    #[test]
+    fn uri_parts() {
+        let u = parse_uri(b"sip:user;par=u%40example.net@example.com:5070;lr;maddr=x?h=1").unwrap();
+        assert_eq!(u.user, Some(&b"user;par=u%40example.net"[..]));
+        assert_eq!(u.host, b"example.com");
+        assert_eq!(u.port, Some(5070));
+        assert_eq!(u.param("lr"), Some(None));
+        assert_eq!(u.param("MADDR"), Some(Some(&b"x"[..])));
+        assert_eq!(u.headers, Some(&b"h=1"[..]));
+        let u = parse_uri(b"sip:[2001:db8::10]:5070").unwrap();
+        assert_eq!((u.host, u.port), (&b"[2001:db8::10]"[..], Some(5070)));
+        assert!(parse_uri(b"sip:user@2001:db8::10").is_err());
+    }
+
+    #[test]
+    fn addr_spec_params_are_header_params() {
+        let (na, _) = parse_name_addr(b"sip:u@h;unknownparam;tag=1", 0).unwrap();
+        assert_eq!(na.uri.raw, b"sip:u@h");
+        assert_eq!(na.param("tag"), Some(Some(&b"1"[..])));
+        let (na, _) = parse_name_addr(b"<sip:u@h;unknownparam>", 0).unwrap();
+        assert_eq!(na.uri.param("unknownparam"), Some(None));
+        assert_eq!(na.param("unknownparam"), None);
+    }
+
+    #[test]
+    fn compact_query() {
+        let q = NameQuery::new("Content-Length");
+        assert!(q.matches(b"l") && q.matches(b"CONTENT-length"));
+        let q = NameQuery::new("X-Foo");
+        assert!(q.matches(b"x-foo") && !q.matches(b"x"));
+    }
+}
