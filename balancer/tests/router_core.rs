@@ -10,7 +10,9 @@ use balancer::core::router::{
     Action, BackendId, BadTagPolicy, Egress, Event, Peer, Router, RouterConfig, TAG_HEADER,
 };
 use bytes::Bytes;
-use encap_proto::frame::{Code, DrainState, Frame, LoadReport, SipFromBackend, SipToBackend, Transport};
+use encap_proto::frame::{
+    Code, DrainState, Frame, LoadReport, SipFromBackend, SipToBackend, Transport,
+};
 use encap_proto::sip::SipMessage;
 use encap_proto::tag::TagKeys;
 
@@ -29,11 +31,21 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 fn udp_from(remote: &str) -> Peer {
-    Peer { conn: UDP_SOCKET, transport: Transport::Udp, remote: addr(remote), local: addr(LB) }
+    Peer {
+        conn: UDP_SOCKET,
+        transport: Transport::Udp,
+        remote: addr(remote),
+        local: addr(LB),
+    }
 }
 
 fn tcp_from(conn: u64, remote: &str) -> Peer {
-    Peer { conn, transport: Transport::Tcp, remote: addr(remote), local: addr(LB) }
+    Peer {
+        conn,
+        transport: Transport::Tcp,
+        remote: addr(remote),
+        local: addr(LB),
+    }
 }
 
 fn lab_with(config: RouterConfig, backends: &[BackendId]) -> Lab {
@@ -44,7 +56,11 @@ fn lab_with(config: RouterConfig, backends: &[BackendId]) -> Lab {
     for &b in backends {
         router.backend_up(t0, b, &format!("b{b}"));
     }
-    let mut lab = Lab { router, t0, keys: TagKeys::new(SECRET) };
+    let mut lab = Lab {
+        router,
+        t0,
+        keys: TagKeys::new(SECRET),
+    };
     lab.actions();
     lab
 }
@@ -63,7 +79,12 @@ impl Lab {
     }
 
     fn send(&mut self, secs: u64, from: Peer, msg: &str) -> Vec<Action> {
-        self.router.handle_sip(self.at(secs), 0, from, Bytes::copy_from_slice(msg.as_bytes()));
+        self.router.handle_sip(
+            self.at(secs),
+            0,
+            from,
+            Bytes::copy_from_slice(msg.as_bytes()),
+        );
         self.actions()
     }
 
@@ -72,10 +93,15 @@ impl Lab {
         let actions = self.send(secs, from, msg);
         let debug = format!("{actions:?}");
         let mut frames = actions.into_iter().filter_map(|a| match a {
-            Action::ToBackend { backend, frame: Frame::SipToBackend(s) } => Some((backend, s)),
+            Action::ToBackend {
+                backend,
+                frame: Frame::SipToBackend(s),
+            } => Some((backend, s)),
             _ => None,
         });
-        let first = frames.next().unwrap_or_else(|| panic!("nothing reached a backend for:\n{msg}\n{debug}"));
+        let first = frames
+            .next()
+            .unwrap_or_else(|| panic!("nothing reached a backend for:\n{msg}\n{debug}"));
         assert!(frames.next().is_none());
         first
     }
@@ -83,7 +109,8 @@ impl Lab {
     /// Every backend in `backends` pings at `secs` (stays up).
     fn heartbeat(&mut self, secs: u64, backends: &[BackendId]) {
         for &b in backends {
-            self.router.handle_frame(self.at(secs), b, Frame::Ping(secs));
+            self.router
+                .handle_frame(self.at(secs), b, Frame::Ping(secs));
         }
         self.actions();
     }
@@ -103,7 +130,15 @@ impl Lab {
     }
 
     /// A message from a backend to a peer; returns the actions.
-    fn from_backend(&mut self, secs: u64, backend: BackendId, connection: Option<u64>, transport: Transport, next_hop: &str, msg: &str) -> Vec<Action> {
+    fn from_backend(
+        &mut self,
+        secs: u64,
+        backend: BackendId,
+        connection: Option<u64>,
+        transport: Transport,
+        next_hop: &str,
+        msg: &str,
+    ) -> Vec<Action> {
         let frame = Frame::SipFromBackend(SipFromBackend {
             connection,
             transport,
@@ -125,7 +160,9 @@ fn invite(call_id: &str, branch: &str) -> String {
 }
 
 fn cancel(call_id: &str, branch: &str) -> String {
-    invite(call_id, branch).replace("INVITE sip", "CANCEL sip").replace("1 INVITE", "1 CANCEL")
+    invite(call_id, branch)
+        .replace("INVITE sip", "CANCEL sip")
+        .replace("1 INVITE", "1 CANCEL")
 }
 
 /// An in-dialog request whose Request-URI is the backend's Contact with the tag.
@@ -155,12 +192,18 @@ fn a_new_call_is_selected_tagged_and_its_via_records_the_source() {
     let mut lab = lab(&[1, 2, 3]);
     let (b, frame) = lab.routed(0, udp_from("192.0.2.9:5070"), &invite("call-1", "z9hG4bK1"));
     let tag = tag_of(&frame);
-    assert_eq!(lab.keys.verify(tag.as_bytes(), b"call-1").unwrap().backend, b);
+    assert_eq!(
+        lab.keys.verify(tag.as_bytes(), b"call-1").unwrap().backend,
+        b
+    );
     let msg = SipMessage::parse(frame.message.clone()).unwrap();
     let via = msg.top_via().unwrap();
     assert_eq!(via.received, Some(&b"192.0.2.9"[..]));
     assert_eq!(via.rport, Some(Some(5070)));
-    assert_eq!((frame.connection, frame.transport, frame.peer), (UDP_SOCKET, Transport::Udp, addr("192.0.2.9:5070")));
+    assert_eq!(
+        (frame.connection, frame.transport, frame.peer),
+        (UDP_SOCKET, Transport::Udp, addr("192.0.2.9:5070"))
+    );
     assert!(!frame.failover);
     assert_eq!(lab.router.counters().routed_by_selection, 1);
     assert_eq!(lab.router.new_call_entries(), 1);
@@ -177,7 +220,14 @@ fn retransmissions_cancel_and_a_challenge_retry_reach_the_same_backend() {
     }
     assert_eq!(lab.routed(2, from, &cancel("call-r", "z9hG4bK1")).0, first);
     // 401 then a new INVITE (new branch, CSeq 2) with the same Call-ID.
-    lab.from_backend(3, first, Some(UDP_SOCKET), Transport::Udp, "192.0.2.9:5060", &response("401 Unauthorized", "call-r", "z9hG4bK1"));
+    lab.from_backend(
+        3,
+        first,
+        Some(UDP_SOCKET),
+        Transport::Udp,
+        "192.0.2.9:5060",
+        &response("401 Unauthorized", "call-r", "z9hG4bK1"),
+    );
     let retry = invite("call-r", "z9hG4bK2").replace("CSeq: 1", "CSeq: 2");
     assert_eq!(lab.routed(4, from, &retry).0, first);
     assert_eq!(lab.router.counters().routed_by_table, 7);
@@ -189,7 +239,14 @@ fn cancel_after_40_s_of_ringing_reaches_the_same_backend() {
     let from = udp_from("192.0.2.9:5060");
     let (b, _) = lab.routed(0, from, &invite("ringing", "z9hG4bK1"));
     for secs in [0, 20, 40] {
-        lab.from_backend(secs, b, Some(UDP_SOCKET), Transport::Udp, "192.0.2.9:5060", &response("180 Ringing", "ringing", "z9hG4bK1"));
+        lab.from_backend(
+            secs,
+            b,
+            Some(UDP_SOCKET),
+            Transport::Udp,
+            "192.0.2.9:5060",
+            &response("180 Ringing", "ringing", "z9hG4bK1"),
+        );
         lab.router.handle_timeout(lab.at(secs));
     }
     // 60 s after the INVITE, 20 s after the last 180.
@@ -201,19 +258,37 @@ fn after_the_linger_a_retransmitted_invite_is_a_new_call() {
     let mut lab = lab(&[1, 2, 3]);
     let from = udp_from("192.0.2.9:5060");
     let (b, _) = lab.routed(0, from, &invite("late", "z9hG4bK1"));
-    lab.from_backend(1, b, Some(UDP_SOCKET), Transport::Udp, "192.0.2.9:5060", &response("486 Busy Here", "late", "z9hG4bK1"));
+    lab.from_backend(
+        1,
+        b,
+        Some(UDP_SOCKET),
+        Transport::Udp,
+        "192.0.2.9:5060",
+        &response("486 Busy Here", "late", "z9hG4bK1"),
+    );
     // Within the linger (final at 1 s, + 32 s): the ACK reaches the backend.
-    let ack = invite("late", "z9hG4bK1").replace("INVITE sip", "ACK sip").replace("1 INVITE", "1 ACK");
+    let ack = invite("late", "z9hG4bK1")
+        .replace("INVITE sip", "ACK sip")
+        .replace("1 INVITE", "1 ACK");
     assert_eq!(lab.routed(32, from, &ack).0, b);
     lab.heartbeat(33, &[1, 2, 3]);
     lab.router.handle_timeout(lab.at(33));
     assert_eq!(lab.router.new_call_entries(), 0);
     let selections = lab.router.counters().routed_by_selection;
     lab.routed(34, from, &invite("late", "z9hG4bK1"));
-    assert_eq!(lab.router.counters().routed_by_selection, selections + 1, "routed as a new call");
+    assert_eq!(
+        lab.router.counters().routed_by_selection,
+        selections + 1,
+        "routed as a new call"
+    );
     // And an ACK that matches nothing is dropped, not answered.
     let actions = lab.send(200, from, &ack);
-    assert!(actions.iter().all(|a| matches!(a, Action::Event(Event::Dropped { .. }))), "{actions:?}");
+    assert!(
+        actions
+            .iter()
+            .all(|a| matches!(a, Action::Event(Event::Dropped { .. }))),
+        "{actions:?}"
+    );
 }
 
 #[test]
@@ -225,20 +300,33 @@ fn in_dialog_requests_route_by_tag_alone_even_after_a_restart() {
     for i in 0..10 {
         let (b, frame) = lab.routed(i, tcp_from(7, "192.0.2.60:5060"), &bye("dialog-1", &tag));
         assert_eq!(b, 2);
-        assert!(SipMessage::parse(frame.message).unwrap().header(TAG_HEADER).is_none());
+        assert!(SipMessage::parse(frame.message)
+            .unwrap()
+            .header(TAG_HEADER)
+            .is_none());
     }
     assert_eq!(lab.router.counters().routed_by_tag, 10);
-    assert_eq!(lab.router.new_call_entries(), 0, "established calls cost no state");
+    assert_eq!(
+        lab.router.new_call_entries(),
+        0,
+        "established calls cost no state"
+    );
 }
 
 #[test]
 fn the_tag_may_come_in_the_top_route() {
     let tag = TagKeys::new(SECRET).mint(3, b"rr-call");
     let tag = std::str::from_utf8(&tag).unwrap();
-    let msg = bye("rr-call", "x")
-        .replace(";vd=x", "")
-        .replace("Max-Forwards", &format!("Route: <sip:192.0.2.1:5060;lr;vd={tag}>\r\nMax-Forwards"));
-    assert_eq!(lab(&[1, 2, 3]).routed(0, tcp_from(7, "192.0.2.60:5060"), &msg).0, 3);
+    let msg = bye("rr-call", "x").replace(";vd=x", "").replace(
+        "Max-Forwards",
+        &format!("Route: <sip:192.0.2.1:5060;lr;vd={tag}>\r\nMax-Forwards"),
+    );
+    assert_eq!(
+        lab(&[1, 2, 3])
+            .routed(0, tcp_from(7, "192.0.2.60:5060"), &msg)
+            .0,
+        3
+    );
 }
 
 #[test]
@@ -250,12 +338,20 @@ fn forged_and_foreign_tags_are_counted_and_handled_by_policy() {
         let mut lenient = lab(&[1, 2, 3]);
         let (_, frame) = lenient.routed(0, tcp_from(7, "192.0.2.60:5060"), &bye("dialog-1", bad));
         assert_eq!(lenient.router.counters().bad_tags, 1);
-        assert_eq!(lenient.router.counters().routed_by_hash, 1, "untagged in-dialog: stateless hash");
+        assert_eq!(
+            lenient.router.counters().routed_by_hash,
+            1,
+            "untagged in-dialog: stateless hash"
+        );
         assert!(!frame.failover);
 
-        let config = RouterConfig { bad_tag_policy: BadTagPolicy::Reject, ..RouterConfig::default() };
+        let config = RouterConfig {
+            bad_tag_policy: BadTagPolicy::Reject,
+            ..RouterConfig::default()
+        };
         let mut strict = lab_with(config, &[1, 2, 3]);
-        let (egress, status, _) = strict.answered(0, tcp_from(7, "192.0.2.60:5060"), &bye("dialog-1", bad));
+        let (egress, status, _) =
+            strict.answered(0, tcp_from(7, "192.0.2.60:5060"), &bye("dialog-1", bad));
         assert_eq!((egress, status), (Egress::Stream(7), 403));
     }
 }
@@ -263,9 +359,16 @@ fn forged_and_foreign_tags_are_counted_and_handled_by_policy() {
 #[test]
 fn a_tag_for_an_unknown_backend_is_rejected_by_policy() {
     let tag = TagKeys::new(SECRET).mint(99, b"dialog-1");
-    let config = RouterConfig { bad_tag_policy: BadTagPolicy::Reject, ..RouterConfig::default() };
+    let config = RouterConfig {
+        bad_tag_policy: BadTagPolicy::Reject,
+        ..RouterConfig::default()
+    };
     let mut lab = lab_with(config, &[1, 2]);
-    let (_, status, _) = lab.answered(0, tcp_from(7, "192.0.2.60:5060"), &bye("dialog-1", std::str::from_utf8(&tag).unwrap()));
+    let (_, status, _) = lab.answered(
+        0,
+        tcp_from(7, "192.0.2.60:5060"),
+        &bye("dialog-1", std::str::from_utf8(&tag).unwrap()),
+    );
     assert_eq!(status, 404);
     assert_eq!(lab.router.counters().unknown_backend_tags, 1);
 }
@@ -276,12 +379,25 @@ fn viaduct_headers_from_outside_are_stripped() {
     let forged = TagKeys::new(SECRET).mint(3, b"strip");
     let msg = invite("strip", "z9hG4bK1").replace(
         "Max-Forwards",
-        &format!("X-Viaduct-Backend: {}\r\nx-viaduct-failover: yes\r\nMax-Forwards", std::str::from_utf8(&forged).unwrap()),
+        &format!(
+            "X-Viaduct-Backend: {}\r\nx-viaduct-failover: yes\r\nMax-Forwards",
+            std::str::from_utf8(&forged).unwrap()
+        ),
     );
     let (b, frame) = lab.routed(0, udp_from("192.0.2.9:5060"), &msg);
     let out = SipMessage::parse(frame.message).unwrap();
-    assert_eq!(out.headers(TAG_HEADER).count(), 1, "only the balancer's own tag");
-    assert_eq!(lab.keys.verify(out.header(TAG_HEADER).unwrap(), b"strip").unwrap().backend, b);
+    assert_eq!(
+        out.headers(TAG_HEADER).count(),
+        1,
+        "only the balancer's own tag"
+    );
+    assert_eq!(
+        lab.keys
+            .verify(out.header(TAG_HEADER).unwrap(), b"strip")
+            .unwrap()
+            .backend,
+        b
+    );
     assert!(out.header("X-Viaduct-Failover").is_none());
     assert_eq!(lab.router.counters().own_headers_stripped, 2);
 }
@@ -293,7 +409,13 @@ fn max_forwards_zero_gets_483() {
     let (egress, status, _) = lab.answered(0, udp_from("192.0.2.9:5062"), &msg);
     assert_eq!(status, 483);
     // rport was asked: the answer goes to the source port.
-    assert_eq!(egress, Egress::Datagram { socket: UDP_SOCKET, to: addr("192.0.2.9:5062") });
+    assert_eq!(
+        egress,
+        Egress::Datagram {
+            socket: UDP_SOCKET,
+            to: addr("192.0.2.9:5062")
+        }
+    );
 }
 
 #[test]
@@ -310,11 +432,17 @@ fn bad_requests_get_400_naming_the_fault_and_bad_responses_are_dropped() {
     assert!(String::from_utf8_lossy(msg.header("Warning").unwrap()).contains("Call-ID"));
 
     let mismatch = invite("x", "z9hG4bK1").replace("1 INVITE", "1 OPTIONS");
-    assert_eq!(lab.answered(0, udp_from("192.0.2.9:5060"), &mismatch).1, 400);
+    assert_eq!(
+        lab.answered(0, udp_from("192.0.2.9:5060"), &mismatch).1,
+        400
+    );
 
     let bad_response = "SIP/2.0 4294967301 Huge\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nContent-Length: 0\r\n\r\n";
     let actions = lab.send(0, udp_from("192.0.2.9:5060"), bad_response);
-    assert!(matches!(&actions[..], [Action::Event(Event::Dropped { .. })]), "{actions:?}");
+    assert!(
+        matches!(&actions[..], [Action::Event(Event::Dropped { .. })]),
+        "{actions:?}"
+    );
     assert_eq!(lab.router.counters().dropped_responses, 1);
     assert_eq!(lab.router.counters().rejected_400, 3);
 }
@@ -323,14 +451,20 @@ fn bad_requests_get_400_naming_the_fault_and_bad_responses_are_dropped() {
 fn oversized_messages_get_413_on_streams_and_513_on_udp() {
     let mut lab = lab(&[1]);
     let head = invite("big", "z9hG4bK1");
-    lab.router.handle_oversized(tcp_from(4, "192.0.2.60:5060"), head.as_bytes());
+    lab.router
+        .handle_oversized(tcp_from(4, "192.0.2.60:5060"), head.as_bytes());
     let out = lab.actions();
-    let Action::ToPeer { egress, message } = &out[0] else { panic!("{out:?}") };
+    let Action::ToPeer { egress, message } = &out[0] else {
+        panic!("{out:?}")
+    };
     assert_eq!(*egress, Egress::Stream(4));
     assert!(message.starts_with(b"SIP/2.0 413 "));
-    lab.router.handle_oversized(udp_from("192.0.2.9:5060"), head.as_bytes());
+    lab.router
+        .handle_oversized(udp_from("192.0.2.9:5060"), head.as_bytes());
     let out = lab.actions();
-    let Action::ToPeer { message, .. } = &out[0] else { panic!("{out:?}") };
+    let Action::ToPeer { message, .. } = &out[0] else {
+        panic!("{out:?}")
+    };
     assert!(message.starts_with(b"SIP/2.0 513 "));
     assert_eq!(lab.router.counters().rejected_too_large, 2);
 }
@@ -338,8 +472,22 @@ fn oversized_messages_get_413_on_streams_and_513_on_udp() {
 #[test]
 fn cancel_for_nothing_gets_481_and_no_backend_gets_503() {
     let mut lab = lab(&[1]);
-    assert_eq!(lab.answered(0, udp_from("192.0.2.9:5060"), &cancel("nothing", "z9hG4bK1")).1, 481);
-    let mut empty = lab_with(RouterConfig { retry_after_secs: 7, ..RouterConfig::default() }, &[]);
+    assert_eq!(
+        lab.answered(
+            0,
+            udp_from("192.0.2.9:5060"),
+            &cancel("nothing", "z9hG4bK1")
+        )
+        .1,
+        481
+    );
+    let mut empty = lab_with(
+        RouterConfig {
+            retry_after_secs: 7,
+            ..RouterConfig::default()
+        },
+        &[],
+    );
     let (_, status, msg) = empty.answered(0, udp_from("192.0.2.9:5060"), &invite("c", "z9hG4bK1"));
     assert_eq!(status, 503);
     assert_eq!(msg.header("Retry-After"), Some(&b"7"[..]));
@@ -349,29 +497,51 @@ fn cancel_for_nothing_gets_481_and_no_backend_gets_503() {
 fn response_path_prefers_the_named_connection_then_any_then_a_new_one() {
     let mut lab = lab(&[1]);
     let proxy_a = "192.0.2.70:40001";
-    lab.router.conn_opened(10, Transport::Tcp, addr(proxy_a), addr(LB));
-    lab.router.conn_opened(11, Transport::Tcp, addr(proxy_a), addr(LB));
-    lab.router.conn_opened(12, Transport::Tcp, addr("192.0.2.71:40001"), addr(LB));
+    lab.router
+        .conn_opened(10, Transport::Tcp, addr(proxy_a), addr(LB));
+    lab.router
+        .conn_opened(11, Transport::Tcp, addr(proxy_a), addr(LB));
+    lab.router
+        .conn_opened(12, Transport::Tcp, addr("192.0.2.71:40001"), addr(LB));
     let ok = response("200 OK", "c", "z9hG4bK1");
     let egress = |actions: Vec<Action>| match &actions[..] {
         [Action::ToPeer { egress, .. }] => *egress,
         other => panic!("{other:?}"),
     };
     // The named connection, open and leading to the next hop.
-    assert_eq!(egress(lab.from_backend(0, 1, Some(10), Transport::Tcp, proxy_a, &ok)), Egress::Stream(10));
+    assert_eq!(
+        egress(lab.from_backend(0, 1, Some(10), Transport::Tcp, proxy_a, &ok)),
+        Egress::Stream(10)
+    );
     // Named connection 12 leads elsewhere: never sent there; another to proxy A.
-    assert_eq!(egress(lab.from_backend(0, 1, Some(12), Transport::Tcp, proxy_a, &ok)), Egress::Stream(11));
+    assert_eq!(
+        egress(lab.from_backend(0, 1, Some(12), Transport::Tcp, proxy_a, &ok)),
+        Egress::Stream(11)
+    );
     // Both of proxy A's connections closed: a new connection to it.
     lab.router.conn_closed(10);
     lab.router.conn_closed(11);
     assert_eq!(
         egress(lab.from_backend(0, 1, Some(10), Transport::Tcp, proxy_a, &ok)),
-        Egress::Connect { transport: Transport::Tcp, to: addr(proxy_a) }
+        Egress::Connect {
+            transport: Transport::Tcp,
+            to: addr(proxy_a)
+        }
     );
     // UDP: a datagram from our socket to exactly the next hop.
     assert_eq!(
-        egress(lab.from_backend(0, 1, Some(UDP_SOCKET), Transport::Udp, "192.0.2.9:5066", &ok)),
-        Egress::Datagram { socket: UDP_SOCKET, to: addr("192.0.2.9:5066") }
+        egress(lab.from_backend(
+            0,
+            1,
+            Some(UDP_SOCKET),
+            Transport::Udp,
+            "192.0.2.9:5066",
+            &ok
+        )),
+        Egress::Datagram {
+            socket: UDP_SOCKET,
+            to: addr("192.0.2.9:5066")
+        }
     );
     assert_eq!(lab.router.counters().from_backends, 4);
 }
@@ -379,8 +549,18 @@ fn response_path_prefers_the_named_connection_then_any_then_a_new_one() {
 #[test]
 fn a_message_is_never_sent_back_to_the_balancer_itself() {
     let mut lab = lab(&[1]);
-    let actions = lab.from_backend(0, 1, None, Transport::Udp, LB, &response("200 OK", "c", "z9hG4bK1"));
-    assert!(matches!(&actions[..], [Action::Event(Event::Dropped { .. })]), "{actions:?}");
+    let actions = lab.from_backend(
+        0,
+        1,
+        None,
+        Transport::Udp,
+        LB,
+        &response("200 OK", "c", "z9hG4bK1"),
+    );
+    assert!(
+        matches!(&actions[..], [Action::Event(Event::Dropped { .. })]),
+        "{actions:?}"
+    );
     assert_eq!(lab.router.counters().dropped_from_backends, 1);
 }
 
@@ -389,12 +569,23 @@ fn responses_to_backend_requests_follow_the_via_branch_tag() {
     let mut lab = lab(&[1, 2, 3]);
     let tag = TagKeys::new(SECRET).mint(3, b"outbound-1");
     let branch = format!("z9hG4bK-vd{}-x1", std::str::from_utf8(&tag).unwrap());
-    let (b, _) = lab.routed(0, udp_from("192.0.2.9:5060"), &response("200 OK", "outbound-1", &branch));
+    let (b, _) = lab.routed(
+        0,
+        udp_from("192.0.2.9:5060"),
+        &response("200 OK", "outbound-1", &branch),
+    );
     assert_eq!(b, 3);
     // Another call's tag, or none: dropped.
     for branch in [branch.clone(), "z9hG4bKplain".to_owned()] {
-        let actions = lab.send(0, udp_from("192.0.2.9:5060"), &response("200 OK", "outbound-2", &branch));
-        assert!(matches!(&actions[..], [Action::Event(Event::Dropped { .. })]), "{actions:?}");
+        let actions = lab.send(
+            0,
+            udp_from("192.0.2.9:5060"),
+            &response("200 OK", "outbound-2", &branch),
+        );
+        assert!(
+            matches!(&actions[..], [Action::Event(Event::Dropped { .. })]),
+            "{actions:?}"
+        );
     }
     assert_eq!(lab.router.counters().dropped_responses, 2);
 }
@@ -408,7 +599,10 @@ fn a_silent_backend_is_down_after_three_periods_and_its_calls_fail_over() {
     // Backends 1 and 3 keep reporting; 2 falls silent.
     for (i, ms) in (500..=1500).step_by(500).enumerate() {
         for b in [1, 3] {
-            let report = LoadReport { seq: i as u64 + 1, ..LoadReport::default() };
+            let report = LoadReport {
+                seq: i as u64 + 1,
+                ..LoadReport::default()
+            };
             lab.router.handle_frame(t(ms), b, Frame::Load(report));
         }
     }
@@ -418,20 +612,44 @@ fn a_silent_backend_is_down_after_three_periods_and_its_calls_fail_over() {
     lab.router.handle_timeout(t(1500));
     assert!(!lab.router.is_up(2));
     let events = lab.actions();
-    assert!(events.contains(&Action::Event(Event::BackendDown { backend: 2, reason: "missed load reports" })));
+    assert!(events.contains(&Action::Event(Event::BackendDown {
+        backend: 2,
+        reason: "missed load reports"
+    })));
 
     let (b, frame) = lab.routed(2, tcp_from(7, "192.0.2.60:5060"), &bye("fo-call", &tag));
     assert!(b == 1 || b == 3);
     assert!(frame.failover);
     let msg = SipMessage::parse(frame.message).unwrap();
     assert_eq!(msg.header("X-Viaduct-Failover"), Some(tag.as_bytes()));
-    assert_eq!(lab.keys.verify(msg.header(TAG_HEADER).unwrap(), b"fo-call").unwrap().backend, b);
+    assert_eq!(
+        lab.keys
+            .verify(msg.header(TAG_HEADER).unwrap(), b"fo-call")
+            .unwrap()
+            .backend,
+        b
+    );
     // Every replica, and every later message, picks the same backup.
-    assert_eq!(lab.routed(3, tcp_from(7, "192.0.2.60:5060"), &bye("fo-call", &tag)).0, b);
+    assert_eq!(
+        lab.routed(3, tcp_from(7, "192.0.2.60:5060"), &bye("fo-call", &tag))
+            .0,
+        b
+    );
 
     // It reports again: up, and its calls come home.
-    lab.router.handle_frame(lab.at(4), 2, Frame::Load(LoadReport { seq: 9, ..LoadReport::default() }));
-    assert_eq!(lab.routed(4, tcp_from(7, "192.0.2.60:5060"), &bye("fo-call", &tag)).0, 2);
+    lab.router.handle_frame(
+        lab.at(4),
+        2,
+        Frame::Load(LoadReport {
+            seq: 9,
+            ..LoadReport::default()
+        }),
+    );
+    assert_eq!(
+        lab.routed(4, tcp_from(7, "192.0.2.60:5060"), &bye("fo-call", &tag))
+            .0,
+        2
+    );
 }
 
 #[test]
@@ -439,24 +657,48 @@ fn with_every_backend_down_a_tagged_request_gets_503() {
     let mut lab = lab(&[2]);
     lab.router.backend_down(2, "link closed");
     let tag = TagKeys::new(SECRET).mint(2, b"c");
-    let (_, status, _) = lab.answered(0, tcp_from(7, "192.0.2.60:5060"), &bye("c", std::str::from_utf8(&tag).unwrap()));
+    let (_, status, _) = lab.answered(
+        0,
+        tcp_from(7, "192.0.2.60:5060"),
+        &bye("c", std::str::from_utf8(&tag).unwrap()),
+    );
     assert_eq!(status, 503);
 }
 
 #[test]
 fn draining_backends_take_no_new_calls_but_keep_their_dialogs() {
     let mut lab = lab(&[1, 2]);
-    lab.router.handle_frame(lab.at(0), 2, Frame::Drain(DrainState::Draining));
+    lab.router
+        .handle_frame(lab.at(0), 2, Frame::Drain(DrainState::Draining));
     for i in 0..6 {
-        assert_eq!(lab.routed(0, udp_from("192.0.2.9:5060"), &invite(&format!("d{i}"), "z9hG4bK1")).0, 1);
+        assert_eq!(
+            lab.routed(
+                0,
+                udp_from("192.0.2.9:5060"),
+                &invite(&format!("d{i}"), "z9hG4bK1")
+            )
+            .0,
+            1
+        );
     }
     let tag = TagKeys::new(SECRET).mint(2, b"old");
-    assert_eq!(lab.routed(0, tcp_from(7, "192.0.2.60:5060"), &bye("old", std::str::from_utf8(&tag).unwrap())).0, 2);
+    assert_eq!(
+        lab.routed(
+            0,
+            tcp_from(7, "192.0.2.60:5060"),
+            &bye("old", std::str::from_utf8(&tag).unwrap())
+        )
+        .0,
+        2
+    );
 }
 
 #[test]
 fn when_the_table_is_full_repeats_still_agree_through_the_hash() {
-    let config = RouterConfig { new_call_capacity: 2, ..RouterConfig::default() };
+    let config = RouterConfig {
+        new_call_capacity: 2,
+        ..RouterConfig::default()
+    };
     let mut lab = lab_with(config, &[1, 2, 3]);
     let from = udp_from("192.0.2.9:5060");
     lab.routed(0, from, &invite("a", "z9hG4bK1"));
@@ -471,12 +713,42 @@ fn when_the_table_is_full_repeats_still_agree_through_the_hash() {
 #[test]
 fn stale_reports_are_ignored_and_pings_answered() {
     let mut lab = lab(&[1]);
-    lab.router.handle_frame(lab.at(0), 1, Frame::Load(LoadReport { seq: 5, active_calls: 10, ..LoadReport::default() }));
-    lab.router.handle_frame(lab.at(0), 1, Frame::Load(LoadReport { seq: 4, active_calls: 99, ..LoadReport::default() }));
-    lab.router.handle_frame(lab.at(0), 1, Frame::Load(LoadReport { seq: 5, active_calls: 99, ..LoadReport::default() }));
+    lab.router.handle_frame(
+        lab.at(0),
+        1,
+        Frame::Load(LoadReport {
+            seq: 5,
+            active_calls: 10,
+            ..LoadReport::default()
+        }),
+    );
+    lab.router.handle_frame(
+        lab.at(0),
+        1,
+        Frame::Load(LoadReport {
+            seq: 4,
+            active_calls: 99,
+            ..LoadReport::default()
+        }),
+    );
+    lab.router.handle_frame(
+        lab.at(0),
+        1,
+        Frame::Load(LoadReport {
+            seq: 5,
+            active_calls: 99,
+            ..LoadReport::default()
+        }),
+    );
     assert_eq!(lab.router.counters().stale_reports, 2);
     lab.router.handle_frame(lab.at(0), 1, Frame::Ping(42));
-    assert_eq!(lab.actions(), vec![Action::ToBackend { backend: 1, frame: Frame::Pong(42) }]);
+    assert_eq!(
+        lab.actions(),
+        vec![Action::ToBackend {
+            backend: 1,
+            frame: Frame::Pong(42)
+        }]
+    );
 }
 
 #[test]
@@ -485,7 +757,10 @@ fn a_handshake_frame_after_the_handshake_closes_the_link() {
     lab.router.handle_frame(lab.at(0), 1, Frame::Auth([0; 32]));
     let actions = lab.actions();
     let closed = actions.iter().find_map(|a| match a {
-        Action::CloseBackend { backend: 1, frame: Some(Frame::Error(c)) } => Some(c.clone()),
+        Action::CloseBackend {
+            backend: 1,
+            frame: Some(Frame::Error(c)),
+        } => Some(c.clone()),
         _ => None,
     });
     let close = closed.unwrap_or_else(|| panic!("{actions:?}"));

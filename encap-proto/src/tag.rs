@@ -195,11 +195,20 @@ mod tests {
         assert!(tag.iter().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(
             keys.verify(&tag, b"call-1@example.com"),
-            Ok(Tag { backend: 0x01a2, call_independent: false, previous_key: false })
+            Ok(Tag {
+                backend: 0x01a2,
+                call_independent: false,
+                previous_key: false
+            })
         );
-        assert_eq!(keys.verify(&tag, b"call-2@example.com"), Err(TagError::BadMac));
+        assert_eq!(
+            keys.verify(&tag, b"call-2@example.com"),
+            Err(TagError::BadMac)
+        );
         // Case-insensitive hex: a proxy that upper-cases it does not break it.
-        assert!(keys.verify(&tag.to_ascii_uppercase(), b"call-1@example.com").is_ok());
+        assert!(keys
+            .verify(&tag.to_ascii_uppercase(), b"call-1@example.com")
+            .is_ok());
     }
 
     #[test]
@@ -216,7 +225,10 @@ mod tests {
         let tag = old.mint(7, b"c");
         let rotated = TagKeys::with_previous(b"new", b"old");
         assert_eq!(rotated.verify(&tag, b"c").map(|t| t.previous_key), Ok(true));
-        assert_eq!(TagKeys::new(b"new").verify(&tag, b"c"), Err(TagError::BadMac));
+        assert_eq!(
+            TagKeys::new(b"new").verify(&tag, b"c"),
+            Err(TagError::BadMac)
+        );
     }
 
     #[test]
@@ -231,7 +243,13 @@ mod tests {
     #[test]
     fn malformed_tags_are_named_as_such() {
         let keys = TagKeys::new(b"s");
-        for bad in [&b""[..], b"0001", b"zzzzzzzzzzzzzzzzz", b"0001200000000000000", b"00012000000000000"] {
+        for bad in [
+            &b""[..],
+            b"0001",
+            b"zzzzzzzzzzzzzzzzz",
+            b"0001200000000000000",
+            b"00012000000000000",
+        ] {
             assert_eq!(keys.verify(bad, b"c"), Err(TagError::Malformed), "{bad:?}");
         }
     }

@@ -52,7 +52,10 @@ mod tests {
         let total: usize = moved_to.iter().sum();
         for b in [1, 2, 4] {
             let share = moved_to[b] as f64 / total as f64;
-            assert!((share - 1.0 / 3.0).abs() < 0.033, "backend {b} took {share}");
+            assert!(
+                (share - 1.0 / 3.0).abs() < 0.033,
+                "backend {b} took {share}"
+            );
         }
     }
 

@@ -15,8 +15,8 @@
 //! response path of design.md §2-§4) joins this module with the balancer
 //! issue.
 
-pub mod reply;
-pub mod standalone;
-pub mod new_calls;
 pub mod hash;
+pub mod new_calls;
+pub mod reply;
 pub mod router;
+pub mod standalone;

@@ -115,16 +115,29 @@ impl NewCallTable {
         if let Some(e) = self.map.get_mut(&key.0) {
             // A stale entry not reclaimed yet, or a new call reusing a
             // Call-ID: either way the new choice wins.
-            *e = Entry { deadline_ms, backend, lingering: false };
+            *e = Entry {
+                deadline_ms,
+                backend,
+                lingering: false,
+            };
             return Ok(());
         }
         if self.map.len() >= self.capacity {
             self.expire(now);
             if self.map.len() >= self.capacity {
-                return Err(TableFull { capacity: self.capacity });
+                return Err(TableFull {
+                    capacity: self.capacity,
+                });
             }
         }
-        self.map.insert(key.0, Entry { deadline_ms, backend, lingering: false });
+        self.map.insert(
+            key.0,
+            Entry {
+                deadline_ms,
+                backend,
+                lingering: false,
+            },
+        );
         self.queue.push_back((deadline_ms, key.0));
         Ok(())
     }
@@ -213,7 +226,10 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
 
     fn table() -> (NewCallTable, Instant) {
-        (NewCallTable::new(DEFAULT_LIFETIME, 4, (1, 2)), Instant::now())
+        (
+            NewCallTable::new(DEFAULT_LIFETIME, 4, (1, 2)),
+            Instant::now(),
+        )
     }
 
     #[test]

@@ -7,7 +7,6 @@
 
 use std::hash::{Hash, Hasher};
 
-
 use bytes::{BufMut, Bytes, BytesMut};
 use encap_proto::sip::SipMessage;
 
@@ -89,8 +88,16 @@ pub fn raw_response(raw: &[u8], code: u16, reason: &str, extra: &[(&str, &[u8])]
             let via = is(b"via") || is(b"v");
             // Single-valued headers: the first instance only, so that the
             // answer to a request with two Call-IDs is itself well formed.
-            let single = [is(b"from") || is(b"f"), is(b"call-id") || is(b"i"), is(b"cseq"), is(b"to") || is(b"t")];
-            let first = single.iter().zip(&mut seen).all(|(&hit, seen)| !hit || !std::mem::replace(seen, true));
+            let single = [
+                is(b"from") || is(b"f"),
+                is(b"call-id") || is(b"i"),
+                is(b"cseq"),
+                is(b"to") || is(b"t"),
+            ];
+            let first = single
+                .iter()
+                .zip(&mut seen)
+                .all(|(&hit, seen)| !hit || !std::mem::replace(seen, true));
             copying = via || (first && single[..3].iter().any(|&x| x));
             saw_via |= via;
             in_to = first && single[3];
@@ -210,16 +217,39 @@ mod tests {
         let warning = br#"399 viaduct "repeated Call-ID""#;
         let resp = raw_response(raw, 400, "Bad Request", &[("Warning", warning)]).unwrap();
         let text = String::from_utf8(resp.to_vec()).unwrap();
-        assert!(text.starts_with("SIP/2.0 400 Bad Request\r\nv: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK9\r\n"), "{text}");
-        assert!(text.contains("t: Bob\r\n <sip:b@x>;tag=vd"), "tag after the folded To: {text}");
-        assert!(text.contains("CALL-ID: one\r\n") && !text.contains("two"), "first Call-ID only: {text}");
-        assert!(SipMessage::parse(resp.clone()).is_ok(), "the answer itself scans");
+        assert!(
+            text.starts_with(
+                "SIP/2.0 400 Bad Request\r\nv: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK9\r\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("t: Bob\r\n <sip:b@x>;tag=vd"),
+            "tag after the folded To: {text}"
+        );
+        assert!(
+            text.contains("CALL-ID: one\r\n") && !text.contains("two"),
+            "first Call-ID only: {text}"
+        );
+        assert!(
+            SipMessage::parse(resp.clone()).is_ok(),
+            "the answer itself scans"
+        );
         assert!(text.contains("Warning: 399 viaduct \"repeated Call-ID\"\r\n"));
         assert!(!text.contains("Subject"));
         // Responses, ACKs and Via-less requests get nothing.
-        assert_eq!(raw_response(b"SIP/2.0 200 OK\r\nv: x\r\n\r\n", 400, "x", &[]), None);
-        assert_eq!(raw_response(b"ACK sip:x SIP/2.0\r\nv: x\r\n\r\n", 400, "x", &[]), None);
-        assert_eq!(raw_response(b"BYE sip:x SIP/2.0\r\ni: c\r\n\r\n", 400, "x", &[]), None);
+        assert_eq!(
+            raw_response(b"SIP/2.0 200 OK\r\nv: x\r\n\r\n", 400, "x", &[]),
+            None
+        );
+        assert_eq!(
+            raw_response(b"ACK sip:x SIP/2.0\r\nv: x\r\n\r\n", 400, "x", &[]),
+            None
+        );
+        assert_eq!(
+            raw_response(b"BYE sip:x SIP/2.0\r\ni: c\r\n\r\n", 400, "x", &[]),
+            None
+        );
     }
 
     #[test]

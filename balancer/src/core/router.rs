@@ -44,7 +44,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use encap_proto::frame::{Code, Close, DrainState, Frame, LoadReport, SipFromBackend, SipToBackend, Transport};
+use encap_proto::frame::{
+    Close, Code, DrainState, Frame, LoadReport, SipFromBackend, SipToBackend, Transport,
+};
 use encap_proto::sip::{Limits, Rewrite, SipMessage};
 use encap_proto::tag::{TagError, TagKeys};
 
@@ -331,7 +333,11 @@ enum Route {
 impl Route {
     fn backend(self) -> BackendId {
         match self {
-            Route::Tagged(b) | Route::Table(b) | Route::Selected(b) | Route::Hashed(b) | Route::Failover(b) => b,
+            Route::Tagged(b)
+            | Route::Table(b)
+            | Route::Selected(b)
+            | Route::Hashed(b)
+            | Route::Failover(b) => b,
         }
     }
 }
@@ -427,7 +433,14 @@ impl Router {
 
     /// A UDP socket of ours is open at `local` (its id names it in frames).
     pub fn socket_opened(&mut self, socket: ConnId, transport: Transport, local: SocketAddr) {
-        self.conns.insert(socket, Conn { transport, remote: None, local });
+        self.conns.insert(
+            socket,
+            Conn {
+                transport,
+                remote: None,
+                local,
+            },
+        );
         if !self.local_addrs.contains(&local) {
             self.local_addrs.push(local);
         }
@@ -443,14 +456,32 @@ impl Router {
 
     /// A stream connection is open (accepted, or opened for an
     /// [`Egress::Connect`]).
-    pub fn conn_opened(&mut self, conn: ConnId, transport: Transport, remote: SocketAddr, local: SocketAddr) {
-        self.conns.insert(conn, Conn { transport, remote: Some(remote), local });
-        self.by_remote.entry((transport, remote)).or_default().push(conn);
+    pub fn conn_opened(
+        &mut self,
+        conn: ConnId,
+        transport: Transport,
+        remote: SocketAddr,
+        local: SocketAddr,
+    ) {
+        self.conns.insert(
+            conn,
+            Conn {
+                transport,
+                remote: Some(remote),
+                local,
+            },
+        );
+        self.by_remote
+            .entry((transport, remote))
+            .or_default()
+            .push(conn);
     }
 
     /// A connection or socket closed.
     pub fn conn_closed(&mut self, conn: ConnId) {
-        let Some(c) = self.conns.remove(&conn) else { return };
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
         if let Some(remote) = c.remote {
             if let Some(list) = self.by_remote.get_mut(&(c.transport, remote)) {
                 list.retain(|&id| id != conn);
@@ -476,7 +507,8 @@ impl Router {
             },
         );
         self.set_live(backend, true);
-        self.actions.push_back(Action::Event(Event::BackendUp { backend }));
+        self.actions
+            .push_back(Action::Event(Event::BackendUp { backend }));
     }
 
     /// A backend's link closed, or it fell silent.
@@ -485,7 +517,8 @@ impl Router {
             if b.up {
                 b.up = false;
                 self.set_live(backend, false);
-                self.actions.push_back(Action::Event(Event::BackendDown { backend, reason }));
+                self.actions
+                    .push_back(Action::Event(Event::BackendDown { backend, reason }));
             }
         }
     }
@@ -524,15 +557,22 @@ impl Router {
                 if !b.up {
                     b.up = true;
                     self.set_live(backend, true);
-                    self.actions.push_back(Action::Event(Event::BackendUp { backend }));
+                    self.actions
+                        .push_back(Action::Event(Event::BackendUp { backend }));
                 }
             }
             Frame::Drain(state) => b.drain = state,
-            Frame::Ping(token) => self.actions.push_back(Action::ToBackend { backend, frame: Frame::Pong(token) }),
+            Frame::Ping(token) => self.actions.push_back(Action::ToBackend {
+                backend,
+                frame: Frame::Pong(token),
+            }),
             Frame::Pong(_) => {}
             Frame::Goodbye(_) | Frame::Error(_) => {
                 self.backend_down(backend, "agent closed the link");
-                self.actions.push_back(Action::CloseBackend { backend, frame: None });
+                self.actions.push_back(Action::CloseBackend {
+                    backend,
+                    frame: None,
+                });
             }
             Frame::Unknown { .. } => self.counters.unknown_frames += 1,
             other @ (Frame::Hello(_)
@@ -541,11 +581,17 @@ impl Router {
             | Frame::Welcome(_)
             | Frame::Refuse(_)
             | Frame::SipToBackend(_)) => {
-                let reason = format!("{} frame not allowed from an agent after the handshake", other.frame_type());
+                let reason = format!(
+                    "{} frame not allowed from an agent after the handshake",
+                    other.frame_type()
+                );
                 self.backend_down(backend, "protocol error");
                 self.actions.push_back(Action::CloseBackend {
                     backend,
-                    frame: Some(Frame::Error(Close { code: Code::UNEXPECTED_FRAME, reason })),
+                    frame: Some(Frame::Error(Close {
+                        code: Code::UNEXPECTED_FRAME,
+                        reason,
+                    })),
                 });
             }
         }
@@ -553,14 +599,19 @@ impl Router {
 
     fn drop_from_backend(&mut self, backend: BackendId, reason: String) {
         self.counters.dropped_from_backends += 1;
-        self.actions.push_back(Action::Event(Event::Dropped { from: Source::Backend(backend), reason }));
+        self.actions.push_back(Action::Event(Event::Dropped {
+            from: Source::Backend(backend),
+            reason,
+        }));
     }
 
     /// A SIP message a backend sends out (design.md §4).
     fn from_backend(&mut self, now: Instant, backend: BackendId, sip: SipFromBackend) {
         let msg = match SipMessage::parse_with(sip.message, &self.config.limits) {
             Ok(msg) => msg,
-            Err(e) => return self.drop_from_backend(backend, format!("malformed SIP from backend: {e}")),
+            Err(e) => {
+                return self.drop_from_backend(backend, format!("malformed SIP from backend: {e}"))
+            }
         };
         if let (Some(status), Some(call_id)) = (msg.status(), msg.call_id()) {
             let key = self.new_calls.key(call_id);
@@ -571,35 +622,51 @@ impl Router {
             }
         }
         if self.local_addrs.contains(&sip.next_hop) {
-            return self.drop_from_backend(backend, format!("loop: next hop {} is this balancer", sip.next_hop));
+            return self.drop_from_backend(
+                backend,
+                format!("loop: next hop {} is this balancer", sip.next_hop),
+            );
         }
         let egress = match self.egress(sip.connection, sip.transport, sip.next_hop) {
             Some(egress) => egress,
             None => {
                 return self.drop_from_backend(
                     backend,
-                    format!("no {} socket of the address family of {}", sip.transport, sip.next_hop),
+                    format!(
+                        "no {} socket of the address family of {}",
+                        sip.transport, sip.next_hop
+                    ),
                 )
             }
         };
         self.counters.from_backends += 1;
-        self.actions.push_back(Action::ToPeer { egress, message: msg.bytes().clone() });
+        self.actions.push_back(Action::ToPeer {
+            egress,
+            message: msg.bytes().clone(),
+        });
     }
 
     /// The response path rules of design.md §4: the named connection if it
     /// is open and leads to `to`; else any open connection to `to`; else a
     /// new connection (streams) or a datagram (UDP). Only `to` is ever used.
-    fn egress(&self, named: Option<ConnId>, transport: Transport, to: SocketAddr) -> Option<Egress> {
+    fn egress(
+        &self,
+        named: Option<ConnId>,
+        transport: Transport,
+        to: SocketAddr,
+    ) -> Option<Egress> {
         if transport == Transport::Udp {
             let named_socket = named.filter(|id| {
-                self.conns
-                    .get(id)
-                    .is_some_and(|c| c.transport == Transport::Udp && c.local.is_ipv4() == to.is_ipv4())
+                self.conns.get(id).is_some_and(|c| {
+                    c.transport == Transport::Udp && c.local.is_ipv4() == to.is_ipv4()
+                })
             });
             let socket = named_socket.or_else(|| {
                 self.conns
                     .iter()
-                    .filter(|(_, c)| c.transport == Transport::Udp && c.local.is_ipv4() == to.is_ipv4())
+                    .filter(|(_, c)| {
+                        c.transport == Transport::Udp && c.local.is_ipv4() == to.is_ipv4()
+                    })
                     .map(|(&id, _)| id)
                     .min()
             })?;
@@ -632,7 +699,10 @@ impl Router {
                     self.counters.responses_in += 1;
                     self.counters.dropped_responses += 1;
                     let reason = format!("malformed response: {e}");
-                    self.actions.push_back(Action::Event(Event::Dropped { from: Source::Peer(from.remote), reason }));
+                    self.actions.push_back(Action::Event(Event::Dropped {
+                        from: Source::Peer(from.remote),
+                        reason,
+                    }));
                 } else {
                     self.counters.requests_in += 1;
                     self.refuse_raw(from, &message, 400, "Bad Request", e.to_string());
@@ -662,27 +732,47 @@ impl Router {
         } else {
             (413, "Request Entity Too Large")
         };
-        let detail = format!("message above the limits (header {} / body {} bytes)", self.config.limits.max_header_bytes, self.config.limits.max_body_bytes);
+        let detail = format!(
+            "message above the limits (header {} / body {} bytes)",
+            self.config.limits.max_header_bytes, self.config.limits.max_body_bytes
+        );
         if let Some(resp) = raw_response(head, status, reason, &[]) {
-            self.actions.push_back(Action::ToPeer { egress: Self::reply_egress(from, None), message: resp });
+            self.actions.push_back(Action::ToPeer {
+                egress: Self::reply_egress(from, None),
+                message: resp,
+            });
         }
-        self.actions.push_back(Action::Event(Event::Rejected { peer: from.remote, status, reason: detail }));
+        self.actions.push_back(Action::Event(Event::Rejected {
+            peer: from.remote,
+            status,
+            reason: detail,
+        }));
     }
 
     fn refuse_raw(&mut self, from: Peer, raw: &[u8], status: u16, reason: &str, detail: String) {
         self.counters.rejected_400 += 1;
         let warning = warning_value(&detail);
         if let Some(resp) = raw_response(raw, status, reason, &[("Warning", warning.as_bytes())]) {
-            self.actions.push_back(Action::ToPeer { egress: Self::reply_egress(from, None), message: resp });
+            self.actions.push_back(Action::ToPeer {
+                egress: Self::reply_egress(from, None),
+                message: resp,
+            });
         }
-        self.actions.push_back(Action::Event(Event::Rejected { peer: from.remote, status, reason: detail }));
+        self.actions.push_back(Action::Event(Event::Rejected {
+            peer: from.remote,
+            status,
+            reason: detail,
+        }));
     }
 
     fn refuse(&mut self, from: Peer, msg: &SipMessage, refusal: Refusal) {
         if refusal.status == NO_ANSWER {
             self.counters.dropped_acks += 1;
             let reason = refusal.detail;
-            self.actions.push_back(Action::Event(Event::Dropped { from: Source::Peer(from.remote), reason }));
+            self.actions.push_back(Action::Event(Event::Dropped {
+                from: Source::Peer(from.remote),
+                reason,
+            }));
             return;
         }
         match refusal.status {
@@ -705,7 +795,10 @@ impl Router {
             .or_else(|| raw_response(msg.bytes(), refusal.status, refusal.reason, &extra));
         if let Some(resp) = resp {
             let egress = Self::reply_egress(from, msg.top_via().map(|v| (v.rport, v.port)));
-            self.actions.push_back(Action::ToPeer { egress, message: resp });
+            self.actions.push_back(Action::ToPeer {
+                egress,
+                message: resp,
+            });
         }
         self.actions.push_back(Action::Event(Event::Rejected {
             peer: from.remote,
@@ -725,15 +818,26 @@ impl Router {
             Some((Some(_), _)) | None => from.remote.port(),
             Some((None, sent_by)) => sent_by.unwrap_or(Transport::Udp.default_port()),
         };
-        Egress::Datagram { socket: from.conn, to: SocketAddr::new(from.remote.ip(), port) }
+        Egress::Datagram {
+            socket: from.conn,
+            to: SocketAddr::new(from.remote.ip(), port),
+        }
     }
 
     /// The affinity decision for a request (design.md §1, §2, §3, §6).
     fn route_request(&mut self, now: Instant, msg: &SipMessage) -> Result<Route, Refusal> {
-        let bad = |detail: &str| Refusal { status: 400, reason: "Bad Request", detail: detail.to_owned() };
+        let bad = |detail: &str| Refusal {
+            status: 400,
+            reason: "Bad Request",
+            detail: detail.to_owned(),
+        };
         let method = msg.method().unwrap_or_default();
-        let Some(call_id) = msg.call_id() else { return Err(bad("missing Call-ID header")) };
-        let Some(cseq) = msg.cseq() else { return Err(bad("missing CSeq header")) };
+        let Some(call_id) = msg.call_id() else {
+            return Err(bad("missing Call-ID header"));
+        };
+        let Some(cseq) = msg.cseq() else {
+            return Err(bad("missing CSeq header"));
+        };
         if msg.top_via().is_none() {
             return Err(bad("missing Via header"));
         }
@@ -747,7 +851,11 @@ impl Router {
             return Err(bad("CSeq method does not match the request method"));
         }
         if msg.max_forwards() == Some(0) {
-            return Err(Refusal { status: 483, reason: "Too Many Hops", detail: "Max-Forwards is 0".to_owned() });
+            return Err(Refusal {
+                status: 483,
+                reason: "Too Many Hops",
+                detail: "Max-Forwards is 0".to_owned(),
+            });
         }
         let is_ack = method.eq_ignore_ascii_case(b"ACK");
         let is_cancel = method.eq_ignore_ascii_case(b"CANCEL");
@@ -757,7 +865,11 @@ impl Router {
                 Ok(t) if t.call_independent && !self.config.accept_call_independent_tags => {
                     self.counters.bad_tags += 1;
                     if self.config.bad_tag_policy == BadTagPolicy::Reject {
-                        return Err(Refusal { status: 403, reason: "Forbidden", detail: "call-independent affinity tag not accepted here".to_owned() });
+                        return Err(Refusal {
+                            status: 403,
+                            reason: "Forbidden",
+                            detail: "call-independent affinity tag not accepted here".to_owned(),
+                        });
                     }
                 }
                 Ok(t) => match self.backends.get(&t.backend) {
@@ -771,20 +883,32 @@ impl Router {
                                 self.counters.failovers += 1;
                                 Ok(Route::Failover(backup))
                             }
-                            None => Err(Refusal { status: 503, reason: "Service Unavailable", detail: "the call's backend is down and no other is up".to_owned() }),
+                            None => Err(Refusal {
+                                status: 503,
+                                reason: "Service Unavailable",
+                                detail: "the call's backend is down and no other is up".to_owned(),
+                            }),
                         };
                     }
                     None => {
                         self.counters.unknown_backend_tags += 1;
                         if self.config.bad_tag_policy == BadTagPolicy::Reject {
-                            return Err(Refusal { status: 404, reason: "Not Found", detail: format!("affinity tag names unknown backend {}", t.backend) });
+                            return Err(Refusal {
+                                status: 404,
+                                reason: "Not Found",
+                                detail: format!("affinity tag names unknown backend {}", t.backend),
+                            });
                         }
                     }
                 },
                 Err(TagError::Malformed | TagError::BadMac) => {
                     self.counters.bad_tags += 1;
                     if self.config.bad_tag_policy == BadTagPolicy::Reject {
-                        return Err(Refusal { status: 403, reason: "Forbidden", detail: "affinity tag does not verify".to_owned() });
+                        return Err(Refusal {
+                            status: 403,
+                            reason: "Forbidden",
+                            detail: "affinity tag does not verify".to_owned(),
+                        });
                     }
                 }
             }
@@ -803,10 +927,18 @@ impl Router {
             }
         }
         if is_ack {
-            return Err(Refusal { status: NO_ANSWER, reason: "", detail: "ACK matches no call".to_owned() });
+            return Err(Refusal {
+                status: NO_ANSWER,
+                reason: "",
+                detail: "ACK matches no call".to_owned(),
+            });
         }
         if is_cancel {
-            return Err(Refusal { status: 481, reason: "Call/Transaction Does Not Exist", detail: "CANCEL matches no new call".to_owned() });
+            return Err(Refusal {
+                status: 481,
+                reason: "Call/Transaction Does Not Exist",
+                detail: "CANCEL matches no new call".to_owned(),
+            });
         }
         if msg.to_tag().is_some() {
             // In-dialog but untagged: no memory of it; the stateless hash
@@ -816,11 +948,19 @@ impl Router {
                     self.counters.routed_by_hash += 1;
                     Ok(Route::Hashed(b))
                 }
-                None => Err(Refusal { status: 503, reason: "Service Unavailable", detail: "no backend is up".to_owned() }),
+                None => Err(Refusal {
+                    status: 503,
+                    reason: "Service Unavailable",
+                    detail: "no backend is up".to_owned(),
+                }),
             };
         }
         let Some(chosen) = self.select() else {
-            return Err(Refusal { status: 503, reason: "Service Unavailable", detail: "no backend can take a new call".to_owned() });
+            return Err(Refusal {
+                status: 503,
+                reason: "Service Unavailable",
+                detail: "no backend can take a new call".to_owned(),
+            });
         };
         match self.new_calls.insert(now, key, chosen) {
             Ok(()) => {
@@ -841,7 +981,11 @@ impl Router {
         self.live
             .iter()
             .copied()
-            .filter(|id| self.backends.get(id).is_some_and(|b| b.drain == DrainState::Serving))
+            .filter(|id| {
+                self.backends
+                    .get(id)
+                    .is_some_and(|b| b.drain == DrainState::Serving)
+            })
             .collect()
     }
 
@@ -851,7 +995,11 @@ impl Router {
         let n = self.live.len();
         for i in 0..n {
             let id = self.live[(self.round_robin + i) % n];
-            if self.backends.get(&id).is_some_and(|b| b.drain == DrainState::Serving) {
+            if self
+                .backends
+                .get(&id)
+                .is_some_and(|b| b.drain == DrainState::Serving)
+            {
                 self.round_robin = (self.round_robin + i + 1) % n;
                 return Some(id);
             }
@@ -859,7 +1007,13 @@ impl Router {
         None
     }
 
-    fn forward_request(&mut self, arrival_unix_us: u64, from: Peer, msg: &SipMessage, route: Route) {
+    fn forward_request(
+        &mut self,
+        arrival_unix_us: u64,
+        from: Peer,
+        msg: &SipMessage,
+        route: Route,
+    ) {
         let backend = route.backend();
         let mut rw = Rewrite::new(msg);
         for own in [TAG_HEADER, FAILOVER_HEADER] {
@@ -871,7 +1025,11 @@ impl Router {
         // RFC 3261 §18.2.1 and RFC 3581: record where it really came from.
         if let Some(via) = msg.top_via() {
             let source_ip = from.remote.ip().to_string();
-            let sent_by_is_source = via.host.strip_prefix(b"[").and_then(|h| h.strip_suffix(b"]")).unwrap_or(via.host)
+            let sent_by_is_source = via
+                .host
+                .strip_prefix(b"[")
+                .and_then(|h| h.strip_suffix(b"]"))
+                .unwrap_or(via.host)
                 == source_ip.as_bytes();
             if via.rport.is_some() || !sent_by_is_source {
                 rw.set_top_via_param("received", Some(source_ip.as_bytes()));
@@ -888,8 +1046,13 @@ impl Router {
                 rw.insert_header(TAG_HEADER, &tag);
             }
             Route::Failover(b) => {
-                let old = find_request_tag(msg).map(<[u8]>::to_vec).unwrap_or_default();
-                rw.insert_header(FAILOVER_HEADER, if old.is_empty() { b"table" } else { &old });
+                let old = find_request_tag(msg)
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default();
+                rw.insert_header(
+                    FAILOVER_HEADER,
+                    if old.is_empty() { b"table" } else { &old },
+                );
                 let tag = self.keys.mint(b, call_id);
                 rw.insert_header(TAG_HEADER, &tag);
             }
@@ -921,12 +1084,19 @@ impl Router {
             .map(|tag| self.keys.verify(tag, msg.call_id().unwrap_or_default()));
         let backend = match target {
             Some(Ok(t)) if self.is_up(t.backend) => t.backend,
-            Some(Ok(t)) => return self.drop_response(from, format!("response for backend {} which is down", t.backend)),
+            Some(Ok(t)) => {
+                return self.drop_response(
+                    from,
+                    format!("response for backend {} which is down", t.backend),
+                )
+            }
             Some(Err(e)) => {
                 self.counters.bad_tags += 1;
                 return self.drop_response(from, format!("response Via branch: {e}"));
             }
-            None => return self.drop_response(from, "response without a Viaduct Via branch".to_owned()),
+            None => {
+                return self.drop_response(from, "response without a Viaduct Via branch".to_owned())
+            }
         };
         self.counters.to_backends += 1;
         self.actions.push_back(Action::ToBackend {
@@ -945,7 +1115,10 @@ impl Router {
 
     fn drop_response(&mut self, from: Peer, reason: String) {
         self.counters.dropped_responses += 1;
-        self.actions.push_back(Action::Event(Event::Dropped { from: Source::Peer(from.remote), reason }));
+        self.actions.push_back(Action::Event(Event::Dropped {
+            from: Source::Peer(from.remote),
+            reason,
+        }));
     }
 }
 
@@ -955,7 +1128,9 @@ fn find_request_tag(msg: &SipMessage) -> Option<&[u8]> {
     if let Some(Some(tag)) = msg.request_uri().and_then(|u| u.param(TAG_PARAM)) {
         return Some(tag);
     }
-    msg.top_route().and_then(|r| r.uri.param(TAG_PARAM)).flatten()
+    msg.top_route()
+        .and_then(|r| r.uri.param(TAG_PARAM))
+        .flatten()
 }
 
 /// A Warning header value (RFC 3261 §20.43) carrying `text`.

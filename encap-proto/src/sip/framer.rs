@@ -25,7 +25,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::scan::{classify, find_crlfcrlf, parse_u64, Fields, Known};
+use super::scan::{classify, crlf_line_end, find_crlfcrlf, parse_u64, Fields, Known};
 use super::Limits;
 
 /// One unit read from a SIP stream or datagram.
@@ -96,17 +96,18 @@ pub enum FramingError {
 fn content_length(head: &[u8]) -> Result<Option<usize>, FramingError> {
     let mut found: Option<usize> = None;
     // Skip the start line; then look only at lines that may be Content-Length.
-    let mut pos = memchr::memchr(b'\n', head).map_or(head.len(), |i| i + 1);
-    while pos < head.len() {
+    let end = head.len();
+    let mut pos = crlf_line_end(head, 0, end).1;
+    while pos < end {
         let first = head[pos];
         let start = pos;
-        pos = memchr::memchr(b'\n', &head[pos..]).map_or(head.len(), |i| pos + i + 1);
+        pos = crlf_line_end(head, pos, end).1;
         if !matches!(first, b'l' | b'L' | b'c' | b'C') {
             continue;
         }
         // Extend over folded continuation lines.
-        while pos < head.len() && matches!(head[pos], b' ' | b'\t') {
-            pos = memchr::memchr(b'\n', &head[pos..]).map_or(head.len(), |i| pos + i + 1);
+        while pos < end && matches!(head[pos], b' ' | b'\t') {
+            pos = crlf_line_end(head, pos, end).1;
         }
         let field = &head[start..pos];
         let Some(field) = Fields::new(field, 0, field.len())
@@ -388,6 +389,18 @@ mod tests {
         assert_eq!(
             content_length(b"X\r\nContent-Length   :\r\n 150\r\n"),
             Ok(Some(150))
+        );
+    }
+
+    /// Found by fuzzing (sip_scan): lines split at a bare LF let a removal
+    /// eat the CR of the final CRLFCRLF. Lines end at CRLF only, in the
+    /// framer and the scanner alike, so a Content-Length hidden after a
+    /// bare LF is not a header (no request smuggling between the two).
+    #[test]
+    fn bare_lf_does_not_start_a_header() {
+        assert_eq!(
+            content_length(b"X\r\nX-A: a\nContent-Length: 5\r\nl: 0\r\n"),
+            Ok(Some(0))
         );
     }
 

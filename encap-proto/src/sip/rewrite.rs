@@ -313,6 +313,16 @@ mod tests {
         );
     }
 
+    /// Found by fuzzing (sip_scan): an addr-spec Contact whose opaque URI held
+    /// a '>' was accepted, and wrapping it in `<>` for a URI parameter gave a
+    /// message that no longer scanned. URIs may not contain `<`, `>` or `"`.
+    #[test]
+    fn addr_spec_with_angle_bracket_is_rejected() {
+        let raw =
+            "REGISTER sip:a@b SIP/2.0\r\nContact: ip:user@[2001:db8::192.com>\r\nl: 0\r\n\r\n";
+        assert!(SipMessage::parse(Bytes::copy_from_slice(raw.as_bytes())).is_err());
+    }
+
     #[test]
     fn rejects_injection() {
         let m = msg("OPTIONS sip:a@b SIP/2.0\r\nl: 0\r\n\r\n");

@@ -231,21 +231,24 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// End of the physical line starting at `p`: (content end, next line start).
     fn line_end(&self, p: usize) -> (usize, usize) {
-        match memchr(b'\n', &self.buf[p..self.end]) {
-            Some(off) => {
-                let lf = p + off;
-                let content = if lf > p && self.buf[lf - 1] == b'\r' {
-                    lf - 1
-                } else {
-                    lf
-                };
-                (content, lf + 1)
-            }
-            None => (self.end, self.end),
-        }
+        crlf_line_end(self.buf, p, self.end)
     }
+}
+
+/// End of the physical line starting at `p` in `buf[..end]`: (content end,
+/// next line start). Lines end at CRLF only: a bare LF or CR is part of the
+/// line (the framer and the scanner must agree on line boundaries).
+pub(crate) fn crlf_line_end(buf: &[u8], p: usize, end: usize) -> (usize, usize) {
+    let mut from = p;
+    while let Some(off) = memchr(b'\n', &buf[from..end]) {
+        let lf = from + off;
+        if lf > p && buf[lf - 1] == b'\r' {
+            return (lf - 1, lf + 1);
+        }
+        from = lf + 1;
+    }
+    (end, end)
 }
 
 impl Iterator for Fields<'_> {
@@ -593,7 +596,8 @@ const fn uri_bad_table() -> [bool; 256] {
     let mut t = [false; 256];
     let mut i = 0;
     while i < 256 {
-        t[i] = i < 0x21 || i == 0x7f;
+        t[i] =
+            i < 0x21 || i == 0x7f || i == b'<' as usize || i == b'>' as usize || i == b'"' as usize;
         i += 1;
     }
     t
@@ -602,6 +606,12 @@ static URI_BAD: [bool; 256] = uri_bad_table();
 
 const fn pvalue_table() -> [bool; 256] {
     let mut t = [true; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = false;
+        c += 1;
+    }
+    t[0x7f] = false;
     let bad = b";, \t\r\n\"<>";
     let mut i = 0;
     while i < bad.len() {
@@ -778,7 +788,7 @@ pub(crate) fn parse_uri(raw: &[u8]) -> Result<Uri<'_>, &'static str> {
         return Err("invalid scheme");
     }
     if raw.iter().any(|&b| URI_BAD[b as usize]) {
-        return Err("whitespace or control character inside the URI");
+        return Err("whitespace, control character, '<', '>' or '\"' inside the URI");
     }
     let rest = &raw[colon + 1..];
     if !(eq_ic(scheme, b"sip") || eq_ic(scheme, b"sips")) {

@@ -1,0 +1,99 @@
+//! Fuzz the SIP stream framer, scanner and rewriter together: arbitrary
+//! bytes fed in arbitrary chunks. Nothing may panic, and the framer must
+//! yield the same units however the input is split.
+#![no_main]
+
+use bytes::{Bytes, BytesMut};
+use encap_proto::sip::{
+    frame_datagram, Framed, FramingError, Limits, Rewrite, SipMessage, StreamFramer, UriTarget,
+};
+use libfuzzer_sys::fuzz_target;
+
+fn run(
+    chunks: &mut dyn Iterator<Item = &[u8]>,
+    limits: Limits,
+) -> (Vec<Framed>, Option<FramingError>) {
+    let mut framer = StreamFramer::new(limits);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for c in chunks {
+        buf.extend_from_slice(c);
+        loop {
+            match framer.decode(&mut buf) {
+                Ok(Some(f)) => out.push(f),
+                Ok(None) => break,
+                Err(e) => return (out, Some(e)),
+            }
+        }
+    }
+    loop {
+        match framer.decode_eof(&mut buf) {
+            Ok(Some(f)) => out.push(f),
+            Ok(None) => return (out, None),
+            Err(e) => return (out, Some(e)),
+        }
+    }
+}
+
+fn exercise(m: Bytes) {
+    let Ok(msg) = SipMessage::parse(m) else {
+        return;
+    };
+    let _ = (
+        msg.start_line(),
+        msg.request_uri(),
+        msg.call_id(),
+        msg.cseq(),
+    );
+    let _ = (
+        msg.top_via(),
+        msg.top_route(),
+        msg.contact(),
+        msg.from_tag(),
+        msg.to_tag(),
+    );
+    let _ = (
+        msg.max_forwards(),
+        msg.content_length(),
+        msg.body(),
+        msg.vias().count(),
+    );
+    let _ = msg.header("subject");
+    let out = Rewrite::new(&msg)
+        .insert_header("Via", b"SIP/2.0/TCP lb.example.com;branch=z9hG4bKfuzz")
+        .set_top_via_param("rport", Some(b"5060"))
+        .set_uri_param(UriTarget::Contact, "ob", None)
+        .remove_headers("Route")
+        .finish();
+    let big = Limits {
+        max_header_bytes: usize::MAX,
+        max_body_bytes: usize::MAX,
+        max_headers: usize::MAX,
+    };
+    let again = SipMessage::parse_with(out, &big).expect("a rewritten message scans");
+    assert_eq!(again.call_id(), msg.call_id());
+    assert_eq!(again.body(), msg.body());
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&[chunk, max_hdr], input)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let limits = Limits {
+        max_header_bytes: 16 + usize::from(max_hdr) * 4,
+        max_body_bytes: 1024,
+        max_headers: 32,
+    };
+    let chunk = usize::from(chunk).max(1);
+    let whole = run(&mut std::iter::once(input), limits);
+    let split = run(&mut input.chunks(chunk), limits);
+    assert_eq!(whole, split, "framing depends on how the input is split");
+    for f in whole.0 {
+        if let Framed::Message(m) = f {
+            exercise(m);
+        }
+    }
+    if let Ok(Framed::Message(m)) = frame_datagram(Bytes::copy_from_slice(input), &limits) {
+        exercise(m);
+    }
+});
