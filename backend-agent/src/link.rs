@@ -345,6 +345,7 @@ impl Link {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests pick the origin of time
 mod tests {
     use super::*;
     use encap_proto::frame::auth::{BalancerHandshake, BalancerStep};

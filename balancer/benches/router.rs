@@ -5,7 +5,7 @@
 //!
 //! `cargo bench -p balancer --bench router`
 
-#![allow(clippy::unwrap_used)] // benchmark setup
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)] // benchmark setup: unwraps, and the origin of time
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! The router core, fed messages and time, no sockets: one test per rule
 //! of design.md §1-§4, §6 and §8.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)] // tests: a failed unwrap fails the test; they pick the origin of time
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -130,7 +130,7 @@ impl Lab {
     }
 
     /// A message from a backend to a peer; returns the actions.
-    fn from_backend(
+    fn backend_sends(
         &mut self,
         secs: u64,
         backend: BackendId,
@@ -220,7 +220,7 @@ fn retransmissions_cancel_and_a_challenge_retry_reach_the_same_backend() {
     }
     assert_eq!(lab.routed(2, from, &cancel("call-r", "z9hG4bK1")).0, first);
     // 401 then a new INVITE (new branch, CSeq 2) with the same Call-ID.
-    lab.from_backend(
+    lab.backend_sends(
         3,
         first,
         Some(UDP_SOCKET),
@@ -239,7 +239,7 @@ fn cancel_after_40_s_of_ringing_reaches_the_same_backend() {
     let from = udp_from("192.0.2.9:5060");
     let (b, _) = lab.routed(0, from, &invite("ringing", "z9hG4bK1"));
     for secs in [0, 20, 40] {
-        lab.from_backend(
+        lab.backend_sends(
             secs,
             b,
             Some(UDP_SOCKET),
@@ -258,7 +258,7 @@ fn after_the_linger_a_retransmitted_invite_is_a_new_call() {
     let mut lab = lab(&[1, 2, 3]);
     let from = udp_from("192.0.2.9:5060");
     let (b, _) = lab.routed(0, from, &invite("late", "z9hG4bK1"));
-    lab.from_backend(
+    lab.backend_sends(
         1,
         b,
         Some(UDP_SOCKET),
@@ -510,19 +510,19 @@ fn response_path_prefers_the_named_connection_then_any_then_a_new_one() {
     };
     // The named connection, open and leading to the next hop.
     assert_eq!(
-        egress(lab.from_backend(0, 1, Some(10), Transport::Tcp, proxy_a, &ok)),
+        egress(lab.backend_sends(0, 1, Some(10), Transport::Tcp, proxy_a, &ok)),
         Egress::Stream(10)
     );
     // Named connection 12 leads elsewhere: never sent there; another to proxy A.
     assert_eq!(
-        egress(lab.from_backend(0, 1, Some(12), Transport::Tcp, proxy_a, &ok)),
+        egress(lab.backend_sends(0, 1, Some(12), Transport::Tcp, proxy_a, &ok)),
         Egress::Stream(11)
     );
     // Both of proxy A's connections closed: a new connection to it.
     lab.router.conn_closed(10);
     lab.router.conn_closed(11);
     assert_eq!(
-        egress(lab.from_backend(0, 1, Some(10), Transport::Tcp, proxy_a, &ok)),
+        egress(lab.backend_sends(0, 1, Some(10), Transport::Tcp, proxy_a, &ok)),
         Egress::Connect {
             transport: Transport::Tcp,
             to: addr(proxy_a)
@@ -530,7 +530,7 @@ fn response_path_prefers_the_named_connection_then_any_then_a_new_one() {
     );
     // UDP: a datagram from our socket to exactly the next hop.
     assert_eq!(
-        egress(lab.from_backend(
+        egress(lab.backend_sends(
             0,
             1,
             Some(UDP_SOCKET),
@@ -549,7 +549,7 @@ fn response_path_prefers_the_named_connection_then_any_then_a_new_one() {
 #[test]
 fn a_message_is_never_sent_back_to_the_balancer_itself() {
     let mut lab = lab(&[1]);
-    let actions = lab.from_backend(
+    let actions = lab.backend_sends(
         0,
         1,
         None,

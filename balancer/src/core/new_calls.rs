@@ -220,6 +220,7 @@ impl NewCallTable {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests pick the origin of time
 mod tests {
     use super::*;
 

@@ -546,7 +546,7 @@ impl Router {
         };
         b.last_heard = now;
         match frame {
-            Frame::SipFromBackend(sip) => self.from_backend(now, backend, sip),
+            Frame::SipFromBackend(sip) => self.send_from_backend(now, backend, sip),
             Frame::Load(report) => {
                 if report.seq != 0 && report.seq <= b.load.seq {
                     // Duplicated or reordered: the newer report already counted.
@@ -606,7 +606,7 @@ impl Router {
     }
 
     /// A SIP message a backend sends out (design.md §4).
-    fn from_backend(&mut self, now: Instant, backend: BackendId, sip: SipFromBackend) {
+    fn send_from_backend(&mut self, now: Instant, backend: BackendId, sip: SipFromBackend) {
         let msg = match SipMessage::parse_with(sip.message, &self.config.limits) {
             Ok(msg) => msg,
             Err(e) => {
