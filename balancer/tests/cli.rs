@@ -33,6 +33,12 @@ fn free_port(ip: &str) -> u16 {
 
 fn start(ip: &str) -> (Viaduct, SocketAddr) {
     let port = free_port(ip);
+    let agent_port = loop {
+        let p = free_port(ip);
+        if p != port {
+            break p;
+        }
+    };
     let dir = std::env::temp_dir().join(format!("viaduct-cli-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("viaduct.toml");
@@ -40,7 +46,8 @@ fn start(ip: &str) -> (Viaduct, SocketAddr) {
         &config,
         format!(
             "[sip]\nretry_after_secs = 9\n[[sip.listen]]\ntransport = \"udp\"\naddress = \"{ip}:{port}\"\n\
-             [[sip.listen]]\ntransport = \"tcp\"\naddress = \"{ip}:{port}\"\n"
+             [[sip.listen]]\ntransport = \"tcp\"\naddress = \"{ip}:{port}\"\n\
+             [agents]\nlisten = \"{ip}:{agent_port}\"\n"
         ),
     )
     .unwrap();
@@ -72,9 +79,11 @@ fn start(ip: &str) -> (Viaduct, SocketAddr) {
     )
 }
 
+/// An OPTIONS request; its Via asks for `rport` (RFC 3581), so the answer
+/// goes back to the source port of the test's socket.
 fn options(call_id: &str, transport: &str) -> String {
     format!(
-        "OPTIONS sip:lb.example.com SIP/2.0\r\nVia: SIP/2.0/{transport} 127.0.0.62:5999;branch=z9hG4bK-{call_id}\r\n\
+        "OPTIONS sip:lb.example.com SIP/2.0\r\nVia: SIP/2.0/{transport} 127.0.0.62:5999;rport;branch=z9hG4bK-{call_id}\r\n\
          From: <sip:probe@example.com>;tag=p1\r\nTo: <sip:lb.example.com>\r\nCall-ID: {call_id}\r\n\
          CSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
     )
@@ -105,6 +114,7 @@ fn check_config_names_the_file_and_the_problem() {
         .unwrap()
         .arg("check-config")
         .arg(&good)
+        .env_remove("VIADUCT_SECRET")
         .output()
         .unwrap();
     assert!(
@@ -112,6 +122,128 @@ fn check_config_names_the_file_and_the_problem() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The effective configuration, defaults included, on stdout.
+    let effective = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "[agents]",
+        "listen = \"127.0.0.1:5070\"",
+        "address = \"127.0.0.1:5060\"",
+        "bad_tag_policy = \"treat-as-untagged\"",
+        "report_interval_ms = 500",
+    ] {
+        assert!(
+            effective.contains(line),
+            "{line} missing from:\n{effective}"
+        );
+    }
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("development secret"),
+        "check-config says the development secret would be used"
+    );
+
+    // A type error names the line; a missing secret file names the field.
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "[routing]\n\nmissed_reports_down = \"three\"\n").unwrap();
+    let out = Command::cargo_bin("viaduct")
+        .unwrap()
+        .args(["check-config".as_ref(), typo.as_os_str()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("line 3"), "{err}");
+    let nosecret = dir.join("nosecret.toml");
+    std::fs::write(&nosecret, "[agents]\nsecret_file = \"missing-secret\"\n").unwrap();
+    let out = Command::cargo_bin("viaduct")
+        .unwrap()
+        .args(["check-config".as_ref(), nosecret.as_os_str()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("agents.secret_file"),
+        "{err}"
+    );
+}
+
+/// SIGHUP re-reads the file (applies the log filter, names what needs a
+/// restart); SIGTERM stops and exits 0. Logs in JSON.
+#[test]
+fn sighup_reloads_and_sigterm_exits_cleanly() {
+    let ip = "127.0.0.63";
+    let port = free_port(ip);
+    let agent_port = loop {
+        let p = free_port(ip);
+        if p != port {
+            break p;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("viaduct-signals-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("viaduct.toml");
+    let text = |filter: &str, retry: u32| {
+        format!(
+            "[sip]\nretry_after_secs = {retry}\n[[sip.listen]]\ntransport = \"tcp\"\naddress = \"{ip}:{port}\"\n\
+             [agents]\nlisten = \"{ip}:{agent_port}\"\n[log]\nfilter = \"{filter}\"\n"
+        )
+    };
+    std::fs::write(&config, text("info", 5)).unwrap();
+    let mut child = Command::cargo_bin("viaduct")
+        .unwrap()
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .env_remove("VIADUCT_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let viaduct_pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut viaduct = Viaduct(child);
+    let wait_for = |what: &str| loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no log line containing {what:?}"));
+        assert!(line.starts_with('{'), "JSON log lines: {line}");
+        if line.contains(what) {
+            return line;
+        }
+    };
+    wait_for("listening for agents");
+    let signal = |name: &str| {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -{name} {viaduct_pid}"))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name}");
+    };
+
+    std::fs::write(&config, text("debug", 7)).unwrap();
+    signal("HUP");
+    wait_for("log filter changed");
+    let restart = wait_for("after a restart");
+    assert!(restart.contains("sip"), "{restart}");
+
+    signal("TERM");
+    wait_for("shutting down");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = viaduct.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
 }
 
 #[test]
@@ -165,6 +297,27 @@ fn without_backends_requests_get_503_on_udp_and_tcp() {
     let first = text.find("Call-ID: tcp-1").unwrap();
     let second = text.find("Call-ID: tcp-2").unwrap();
     assert!(first < second, "answers in request order");
+
+    // A message above the size limits is answered 413, then the stream closes.
+    let mut big = TcpStream::connect(addr).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    big.write_all(
+        options("tcp-big", "TCP")
+            .replace("Content-Length: 0", "Content-Length: 999999")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    loop {
+        match big.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("expected 413 then close: {e}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("SIP/2.0 413 "), "{text}");
+    assert!(text.contains("Call-ID: tcp-big"), "{text}");
 
     // A stream that cannot be framed is closed.
     tcp.write_all(b"INVITE sip:x SIP/2.0\r\nContent-Length: -1\r\n\r\n")

@@ -4,19 +4,14 @@
 //! nothing reads a clock, opens a socket or spawns a task, so every routing
 //! rule is tested by feeding bytes and time (see `ARCHITECTURE.md`).
 //!
-//! * [`standalone`]: what the balancer answers while no backend is
-//!   registered: 503 with Retry-After to every request, 400 to a request
-//!   that cannot be scanned, nothing to responses.
+//! * [`router`]: the routing method of design.md §1-§4 and §8 as one state
+//!   machine (affinity tags, new-call table, response path, bad input).
+//! * [`new_calls`]: the new-call table (design.md §3).
+//! * [`hash`]: the rendezvous hash every replica computes alike.
 //! * [`reply`]: stateless responses the balancer answers itself
-//!   (RFC 3261 §8.2.6): 503 when no backend can take a request, and the
-//!   400/413/483/513 answers to bad input (design.md §8).
-//!
-//! The router state machine (affinity tags, the new-call table, the
-//! response path of design.md §2-§4) joins this module with the balancer
-//! issue.
+//!   (RFC 3261 §8.2.6): 400/403/404/413/481/483/503/513.
 
 pub mod hash;
 pub mod new_calls;
 pub mod reply;
 pub mod router;
-pub mod standalone;

@@ -1,41 +1,65 @@
-//! Tokio drivers: sockets in, the sans-I/O core in the middle, sockets out.
+//! Tokio drivers: sockets in, the sans-I/O [`Router`] in the middle,
+//! sockets out.
 //!
-//! One task per listening UDP socket, one per TCP listener and one per
-//! accepted TCP connection. Each task reads, feeds one framed message to
-//! the core, sends what the core answers, and stops when the shutdown
-//! signal fires.
+//! Everything runs on one thread: a tokio `current_thread` runtime with a
+//! [`tokio::task::LocalSet`]. The router lives in an `Rc<RefCell<Router>>`
+//! shared by the local tasks, so the per-message path takes no lock; a
+//! borrow is never held across an `.await`.
+//!
+//! ```text
+//!  UDP socket task ──┐                                   ┌──> per-connection writer (bounded queue)
+//!  TCP conn reader ──┼─> feed one input ─> Router ─> drain poll_action() ─┼──> UDP try_send_to
+//!  agent link reader ┤                                   ├──> agent link writer (bounded queue)
+//!  timer task ───────┘   (handle_timeout at poll_timeout) └──> connect task (coalesced per peer)
+//! ```
+//!
+//! * [`sip`]: UDP sockets, TCP listeners, accepted and opened connections
+//!   (reader task + writer task each), connection limits and timeouts.
+//! * [`agents`]: the agent listener, the handshake, one link per backend.
+//!
+//! Every task feeds one input, then drains every action before it waits
+//! again. A full queue drops the message and counts it: a slow peer never
+//! stalls the others. Shutdown is injected (a [`CancellationToken`]): the
+//! listeners stop accepting, readers stop, writers flush what is queued
+//! within `sip.shutdown_grace_ms`.
 
 // Drivers own the clock and the tasks: the one place they are allowed.
 #![allow(clippy::disallowed_methods)]
 
-use std::net::SocketAddr;
+mod agents;
+mod sip;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
-use encap_proto::sip::{frame_datagram, Framed, Limits, StreamFramer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::watch;
+use encap_proto::frame::{encode, Frame, PublicAddress, Transport};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, ListenTransport};
-use crate::core::standalone::{answer, Answer, DropReason};
-
-/// Largest UDP datagram read (the IPv4 maximum payload).
-const MAX_DATAGRAM: usize = 65_535;
+use crate::config::{Config, ListenTransport, Secrets};
+use crate::core::router::{Action, BackendId, ConnId, Egress, Event, Router, Source};
 
 /// A bound balancer, ready to run.
 #[derive(Debug)]
 pub struct Balancer {
     udp: Vec<UdpSocket>,
-    tcp: Vec<TcpListener>,
-    limits: Limits,
-    retry_after_secs: u32,
+    tcp: Vec<(TcpListener, SocketAddr)>,
+    agents: TcpListener,
+    config: Config,
+    secrets: Secrets,
 }
 
 impl Balancer {
     /// Binds every listener of `config`. Errors name the listener.
-    pub async fn bind(config: &Config) -> anyhow::Result<Balancer> {
+    pub async fn bind(config: &Config, secrets: Secrets) -> anyhow::Result<Balancer> {
         let mut udp = Vec::new();
         let mut tcp = Vec::new();
         for (i, l) in config.sip.listen.iter().enumerate() {
@@ -45,22 +69,27 @@ impl Balancer {
                         format!("sip.listen[{i}]: cannot bind UDP {}", l.address)
                     })?)
                 }
-                ListenTransport::Tcp => {
-                    tcp.push(TcpListener::bind(l.address).await.with_context(|| {
+                ListenTransport::Tcp => tcp.push((
+                    TcpListener::bind(l.address).await.with_context(|| {
                         format!("sip.listen[{i}]: cannot bind TCP {}", l.address)
-                    })?)
-                }
+                    })?,
+                    l.public(),
+                )),
             }
         }
+        let agents = TcpListener::bind(config.agents.listen)
+            .await
+            .with_context(|| format!("agents.listen: cannot bind TCP {}", config.agents.listen))?;
         Ok(Balancer {
             udp,
             tcp,
-            limits: config.limits.sip_limits(),
-            retry_after_secs: config.sip.retry_after_secs,
+            agents,
+            config: config.clone(),
+            secrets,
         })
     }
 
-    /// The addresses actually bound, as `(transport, address)`.
+    /// The SIP addresses actually bound, as `(transport, address)`.
     pub fn local_addrs(&self) -> Vec<(ListenTransport, SocketAddr)> {
         let udp = self
             .udp
@@ -70,159 +99,477 @@ impl Balancer {
         let tcp = self
             .tcp
             .iter()
-            .filter_map(|s| s.local_addr().ok())
+            .filter_map(|(s, _)| s.local_addr().ok())
             .map(|a| (ListenTransport::Tcp, a));
         udp.chain(tcp).collect()
     }
 
-    /// Serves until `shutdown` turns `true`.
-    pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let mut tasks = tokio::task::JoinSet::new();
+    /// The agent listener's address.
+    pub fn agent_addr(&self) -> Option<SocketAddr> {
+        self.agents.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` is cancelled, then flushes (bounded by
+    /// `sip.shutdown_grace_ms`) and returns. Must run inside a
+    /// [`tokio::task::LocalSet`] on a `current_thread` runtime.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let config = &self.config;
+        let router = Router::new(
+            config.router_config(rand::random()),
+            self.secrets.tag_keys(),
+        );
+        let mut public = Vec::new();
+        for l in &config.sip.listen {
+            let p = PublicAddress {
+                transport: l.transport.transport(),
+                addr: l.public(),
+            };
+            if !public.contains(&p) {
+                public.push(p);
+            }
+        }
+        let tcp_source_ips = self
+            .tcp
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
+        let shared = Rc::new(Shared {
+            router: RefCell::new(router),
+            conns: RefCell::new(HashMap::new()),
+            udp: RefCell::new(HashMap::new()),
+            agents: RefCell::new(HashMap::new()),
+            connecting: RefCell::new(HashMap::new()),
+            per_ip: RefCell::new(HashMap::new()),
+            next_id: Cell::new(1),
+            timer_deadline: Cell::new(None),
+            timer: Notify::new(),
+            settings: Settings::new(config, public, tcp_source_ips, self.secrets.current.clone()),
+            counters: Counters::default(),
+            shutdown: shutdown.clone(),
+            tasks: TaskTracker::new(),
+        });
+
         for (transport, addr) in self.local_addrs() {
             info!(transport = ?transport, %addr, "listening for SIP");
         }
         for socket in self.udp {
-            tasks.spawn(serve_udp(
-                socket,
-                self.limits,
-                self.retry_after_secs,
-                shutdown.clone(),
-            ));
+            let id = shared.next_id();
+            let local = socket.local_addr().context("UDP socket address")?;
+            let socket = Rc::new(socket);
+            shared.udp.borrow_mut().insert(id, socket.clone());
+            shared.feed(|r| r.socket_opened(id, Transport::Udp, local));
+            shared
+                .tasks
+                .spawn_local(sip::serve_udp(shared.clone(), id, socket, local));
         }
-        for listener in self.tcp {
-            tasks.spawn(serve_tcp(
-                listener,
-                self.limits,
-                self.retry_after_secs,
-                shutdown.clone(),
-            ));
+        for (listener, public) in self.tcp {
+            let local = listener.local_addr().context("TCP listener address")?;
+            shared.feed(|r| {
+                r.listener_opened(local);
+                r.listener_opened(public);
+            });
+            shared
+                .tasks
+                .spawn_local(sip::serve_tcp(shared.clone(), listener, local));
         }
-        while let Some(done) = tasks.join_next().await {
-            done.context("listener task panicked")??;
+        if let Ok(addr) = self.agents.local_addr() {
+            info!(%addr, "listening for agents");
         }
+        shared
+            .tasks
+            .spawn_local(agents::serve_agents(shared.clone(), self.agents));
+        shared.tasks.spawn_local(timer(shared.clone()));
+
+        shutdown.cancelled().await;
+        let grace = shared.settings.shutdown_grace;
+        info!(
+            grace_ms = grace.as_millis(),
+            "shutting down: no new connections, flushing queues"
+        );
+        shared.tasks.close();
+        if tokio::time::timeout(grace, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                tasks = shared.tasks.len(),
+                "shutdown grace period over; closing what is left"
+            );
+        }
+        let c = &shared.counters;
+        info!(
+            queue_full_drops = c.queue_full.get(),
+            gone_drops = c.gone.get(),
+            udp_drops = c.udp_drops.get(),
+            connect_failures = c.connect_failures.get(),
+            connections_refused = c.conns_refused.get(),
+            agent_queue_drops = c.agent_queue_full.get(),
+            agents_refused = c.agents_refused.get(),
+            "stopped"
+        );
         Ok(())
     }
 }
 
-fn log_drop(peer: SocketAddr, reason: &DropReason) {
-    match reason {
-        DropReason::Response | DropReason::Ack => {
-            debug!(%peer, ?reason, "dropped: no backend to pass it to")
-        }
-        DropReason::Unanswerable(why) => {
-            warn!(%peer, reason = %why, "dropped malformed SIP message")
+/// Settings the tasks need, fixed at start.
+#[derive(Debug)]
+struct Settings {
+    limits: encap_proto::sip::Limits,
+    max_connections: usize,
+    max_connections_per_ip: usize,
+    idle_timeout: Duration,
+    header_read_timeout: Duration,
+    connect_timeout: Duration,
+    write_queue: usize,
+    shutdown_grace: Duration,
+    /// Source addresses for connections the balancer opens (its TCP
+    /// listeners' addresses), so peers see the balancer's address.
+    tcp_source_ips: Vec<IpAddr>,
+    agent_name: String,
+    secret: Vec<u8>,
+    agent_ids: std::collections::BTreeMap<String, BackendId>,
+    max_frame_body: u32,
+    handshake_timeout: Duration,
+    agent_queue: usize,
+    report_interval_ms: u32,
+    /// An agent link silent this long is closed.
+    agent_idle: Duration,
+    public: Vec<PublicAddress>,
+}
+
+impl Settings {
+    fn new(
+        config: &Config,
+        public: Vec<PublicAddress>,
+        tcp_source_ips: Vec<IpAddr>,
+        secret: Vec<u8>,
+    ) -> Settings {
+        let report = Duration::from_millis(u64::from(config.routing.report_interval_ms));
+        Settings {
+            limits: config.limits.sip_limits(),
+            max_connections: config.sip.max_connections,
+            max_connections_per_ip: config.sip.max_connections_per_ip,
+            idle_timeout: Duration::from_secs(config.sip.idle_timeout_secs),
+            header_read_timeout: Duration::from_secs(config.sip.header_read_timeout_secs),
+            connect_timeout: Duration::from_millis(config.sip.connect_timeout_ms),
+            write_queue: config.sip.write_queue_messages,
+            shutdown_grace: Duration::from_millis(config.sip.shutdown_grace_ms),
+            tcp_source_ips,
+            agent_name: config.agents.name.clone(),
+            secret,
+            agent_ids: config.agents.ids.clone(),
+            max_frame_body: config.agents.max_frame_body,
+            handshake_timeout: Duration::from_millis(config.agents.handshake_timeout_ms),
+            agent_queue: config.agents.write_queue_frames,
+            report_interval_ms: config.routing.report_interval_ms,
+            // Well past the router's "missed reports" limit, which marks the
+            // backend down first; this only reclaims dead links.
+            agent_idle: (report * config.routing.missed_reports_down.saturating_mul(4))
+                .max(Duration::from_secs(10)),
+            public,
         }
     }
 }
 
-async fn serve_udp(
-    socket: UdpSocket,
-    limits: Limits,
-    retry_after_secs: u32,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let mut buf = BytesMut::with_capacity(MAX_DATAGRAM);
-    loop {
-        buf.clear();
-        buf.reserve(MAX_DATAGRAM);
-        let (_, peer) = tokio::select! {
-            r = socket.recv_buf_from(&mut buf) => r.context("UDP receive")?,
-            _ = shutdown.changed() => return Ok(()),
-        };
-        let datagram = buf.split().freeze();
-        let message = match frame_datagram(datagram, &limits) {
-            Ok(Framed::Message(m)) => m,
-            Ok(Framed::Ping | Framed::Pong) => continue,
-            Err(e) => {
-                warn!(%peer, transport = "UDP", error = %e, "dropped datagram that does not frame");
-                continue;
-            }
-        };
-        match answer(message, &limits, retry_after_secs) {
-            Answer::Reply(reply) => {
-                if let Err(e) = socket.send_to(&reply, peer).await {
-                    warn!(%peer, error = %e, "UDP send failed");
-                }
-            }
-            Answer::Drop(reason) => log_drop(peer, &reason),
-        }
-    }
+/// Drops and refusals, counted (the log says them once; these add up).
+#[derive(Debug, Default)]
+struct Counters {
+    /// Messages dropped because a connection's queue was full.
+    queue_full: Cell<u64>,
+    /// Messages for a connection that closed meanwhile.
+    gone: Cell<u64>,
+    /// Datagrams not sent (socket buffer full, or an error).
+    udp_drops: Cell<u64>,
+    /// Connections to peers that could not be opened.
+    connect_failures: Cell<u64>,
+    /// Connections refused or dropped by the connection limits.
+    conns_refused: Cell<u64>,
+    /// Frames dropped because an agent link's queue was full.
+    agent_queue_full: Cell<u64>,
+    /// Agents refused (authentication, duplicate, protocol).
+    agents_refused: Cell<u64>,
 }
 
-async fn serve_tcp(
-    listener: TcpListener,
-    limits: Limits,
-    retry_after_secs: u32,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(error = %e, "TCP accept failed");
-                    continue;
+fn bump(c: &Cell<u64>) {
+    c.set(c.get().saturating_add(1));
+}
+
+/// What a writer task is given.
+#[derive(Debug)]
+enum Out {
+    /// Bytes to write.
+    Bytes(Bytes),
+    /// Write what came before, then close.
+    Close,
+}
+
+/// State shared by a connection's reader and writer.
+#[derive(Debug)]
+struct ConnState {
+    /// Fired by either side to stop the other.
+    cancel: CancellationToken,
+    /// Last time bytes went out (for the idle timeout).
+    last_write: Cell<Instant>,
+}
+
+/// An open SIP stream connection.
+#[derive(Debug)]
+struct ConnHandle {
+    tx: mpsc::Sender<Out>,
+}
+
+/// An authenticated agent link.
+#[derive(Debug)]
+struct AgentHandle {
+    /// Which link (a backend reconnecting gets a new one).
+    link: u64,
+    name: String,
+    version: u8,
+    tx: mpsc::Sender<Out>,
+}
+
+/// Everything the local tasks share.
+#[derive(Debug)]
+struct Shared {
+    router: RefCell<Router>,
+    conns: RefCell<HashMap<ConnId, ConnHandle>>,
+    udp: RefCell<HashMap<ConnId, Rc<UdpSocket>>>,
+    agents: RefCell<HashMap<BackendId, AgentHandle>>,
+    /// Connections being opened, with the messages waiting for them.
+    connecting: RefCell<HashMap<SocketAddr, Vec<Bytes>>>,
+    /// Accepted connections per peer IP.
+    per_ip: RefCell<HashMap<IpAddr, usize>>,
+    next_id: Cell<u64>,
+    /// When the timer task will wake next (None: not armed).
+    timer_deadline: Cell<Option<Instant>>,
+    timer: Notify,
+    settings: Settings,
+    counters: Counters,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Shared {
+    fn next_id(&self) -> u64 {
+        let id = self.next_id.get();
+        self.next_id.set(id.wrapping_add(1).max(1));
+        id
+    }
+
+    /// Feeds one input to the router, then carries out every action.
+    fn feed(self: &Rc<Self>, input: impl FnOnce(&mut Router)) {
+        input(&mut self.router.borrow_mut());
+        self.drain();
+    }
+
+    /// Carries out every pending action, then wakes the timer if the
+    /// router's deadline moved earlier.
+    fn drain(self: &Rc<Self>) {
+        loop {
+            // The borrow ends with the statement: `perform` never runs under it.
+            let action = self.router.borrow_mut().poll_action();
+            match action {
+                Some(action) => self.perform(action),
+                None => break,
+            }
+        }
+        let next = self.router.borrow().poll_timeout();
+        if let Some(next) = next {
+            if self.timer_deadline.get().is_none_or(|armed| next < armed) {
+                self.timer.notify_one();
+            }
+        }
+    }
+
+    fn perform(self: &Rc<Self>, action: Action) {
+        match action {
+            Action::ToPeer { egress, message } => match egress {
+                Egress::Stream(id) => self.send_stream(id, message),
+                Egress::Datagram { socket, to } => self.send_datagram(socket, to, message),
+                Egress::Connect { transport, to } => sip::connect(self, transport, to, message),
+            },
+            Action::ToBackend { backend, frame } => self.send_backend(backend, &frame, false),
+            Action::CloseBackend { backend, frame } => match frame {
+                Some(frame) => self.send_backend(backend, &frame, true),
+                None => {
+                    if let Some(a) = self.agents.borrow().get(&backend) {
+                        let _ = a.tx.try_send(Out::Close);
+                    }
                 }
             },
-            _ = shutdown.changed() => return Ok(()),
+            Action::Event(event) => self.log_event(event),
+        }
+    }
+
+    fn send_stream(&self, id: ConnId, message: Bytes) {
+        let conns = self.conns.borrow();
+        let Some(conn) = conns.get(&id) else {
+            bump(&self.counters.gone);
+            debug!(conn = id, "dropped: the connection closed meanwhile");
+            return;
         };
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) =
-                serve_tcp_connection(stream, peer, limits, retry_after_secs, shutdown).await
-            {
-                debug!(%peer, error = %e, "TCP connection ended");
+        match conn.tx.try_send(Out::Bytes(message)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                bump(&self.counters.queue_full);
+                debug!(conn = id, "dropped: the connection's write queue is full");
             }
-        });
+            Err(mpsc::error::TrySendError::Closed(_)) => bump(&self.counters.gone),
+        }
+    }
+
+    fn send_datagram(&self, socket: ConnId, to: SocketAddr, message: Bytes) {
+        let sockets = self.udp.borrow();
+        let Some(s) = sockets.get(&socket) else {
+            bump(&self.counters.udp_drops);
+            return;
+        };
+        if let Err(e) = s.try_send_to(&message, to) {
+            bump(&self.counters.udp_drops);
+            debug!(%to, error = %e, "dropped datagram");
+        }
+    }
+
+    fn send_backend(&self, backend: BackendId, frame: &Frame, then_close: bool) {
+        let agents = self.agents.borrow();
+        let Some(agent) = agents.get(&backend) else {
+            debug!(backend, frame = %frame.frame_type(), "dropped: backend has no link");
+            return;
+        };
+        let mut buf = BytesMut::new();
+        if let Err(e) = encode(frame, agent.version, &mut buf) {
+            warn!(backend, error = %e, "cannot encode a frame for the backend");
+            return;
+        }
+        match agent.tx.try_send(Out::Bytes(buf.freeze())) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                bump(&self.counters.agent_queue_full);
+                debug!(backend, "dropped: the agent link's write queue is full");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => bump(&self.counters.gone),
+        }
+        if then_close {
+            let _ = agent.tx.try_send(Out::Close);
+        }
+    }
+
+    fn backend_name(&self, backend: BackendId) -> String {
+        self.router
+            .borrow()
+            .backend_name(backend)
+            .unwrap_or("?")
+            .to_owned()
+    }
+
+    fn log_event(&self, event: Event) {
+        match event {
+            Event::Rejected {
+                peer,
+                status,
+                reason,
+            } => info!(%peer, status, %reason, "rejected SIP request"),
+            Event::Dropped {
+                from: Source::Peer(peer),
+                reason,
+            } => info!(%peer, %reason, "dropped SIP message"),
+            Event::Dropped {
+                from: Source::Backend(backend),
+                reason,
+            } => {
+                let name = self.backend_name(backend);
+                warn!(backend, %name, %reason, "dropped message from backend");
+            }
+            Event::BackendUp { backend } => {
+                let name = self.backend_name(backend);
+                info!(backend, %name, "backend up");
+            }
+            Event::BackendDown { backend, reason } => {
+                let name = self.backend_name(backend);
+                warn!(backend, %name, reason, "backend down");
+            }
+        }
     }
 }
 
-async fn serve_tcp_connection(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    limits: Limits,
-    retry_after_secs: u32,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let _ = stream.set_nodelay(true);
-    let mut framer = StreamFramer::new(limits);
-    let mut buf = BytesMut::with_capacity(8 * 1024);
-    let mut out = BytesMut::new();
+/// Calls `handle_timeout` when the router's deadline is due; woken early
+/// when an input moved the deadline earlier.
+async fn timer(shared: Rc<Shared>) {
     loop {
-        let n = tokio::select! {
-            r = stream.read_buf(&mut buf) => r.context("TCP read")?,
-            _ = shutdown.changed() => return Ok(()),
-        };
-        let eof = n == 0;
-        loop {
-            let next = if eof {
-                framer.decode_eof(&mut buf)
-            } else {
-                framer.decode(&mut buf)
-            };
-            match next {
-                Ok(Some(Framed::Message(m))) => match answer(m, &limits, retry_after_secs) {
-                    Answer::Reply(reply) => out.extend_from_slice(&reply),
-                    Answer::Drop(reason) => log_drop(peer, &reason),
-                },
-                Ok(Some(Framed::Ping)) => out.extend_from_slice(b"\r\n"),
-                Ok(Some(Framed::Pong)) => {}
-                Ok(None) => break,
-                Err(e) => {
-                    // RFC 3261 §18.3: a stream that cannot be framed cannot be
-                    // resynchronised; flush what we owe and close.
-                    warn!(%peer, transport = "TCP", error = %e, "closing stream that does not frame");
-                    stream.write_all(&out).await.ok();
-                    return Ok(());
-                }
+        let deadline = shared.router.borrow().poll_timeout();
+        shared.timer_deadline.set(deadline);
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                None => std::future::pending().await,
             }
-        }
-        if !out.is_empty() {
-            let chunk: Bytes = out.split().freeze();
-            stream.write_all(&chunk).await.context("TCP write")?;
-        }
-        if eof {
-            return Ok(());
+        };
+        tokio::select! {
+            () = sleep => {
+                let now = Instant::now();
+                shared.feed(|r| r.handle_timeout(now));
+            }
+            () = shared.timer.notified() => {}
+            () = shared.shutdown.cancelled() => return,
         }
     }
+}
+
+/// The wall clock in microseconds since the UNIX epoch (frame metadata).
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// Writes what a connection's queue holds, batching what is queued
+/// together, until the queue closes or says [`Out::Close`]; then shuts the
+/// write side and stops the reader.
+async fn write_loop(
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Out>,
+    state: Rc<ConnState>,
+) {
+    use tokio::io::AsyncWriteExt;
+    /// Bytes gathered into one write at most.
+    const BATCH: usize = 64 * 1024;
+    let mut batch = BytesMut::new();
+    'run: while let Some(first) = rx.recv().await {
+        let mut close = false;
+        let mut single = None;
+        match first {
+            Out::Bytes(b) => single = Some(b),
+            Out::Close => close = true,
+        }
+        while !close && single.as_ref().map_or(0, Bytes::len) + batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(Out::Bytes(b)) => {
+                    if let Some(s) = single.take() {
+                        batch.extend_from_slice(&s);
+                    }
+                    batch.extend_from_slice(&b);
+                }
+                Ok(Out::Close) => close = true,
+                Err(_) => break,
+            }
+        }
+        let chunk = match single.take() {
+            Some(s) => s,
+            None => batch.split().freeze(),
+        };
+        if !chunk.is_empty() {
+            if let Err(e) = w.write_all(&chunk).await {
+                debug!(error = %e, "write failed; closing");
+                break 'run;
+            }
+            state.last_write.set(Instant::now());
+        }
+        if close {
+            break;
+        }
+    }
+    let _ = w.shutdown().await;
+    state.cancel.cancel();
 }
