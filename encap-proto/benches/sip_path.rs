@@ -77,6 +77,26 @@ fn frame_and_scan(framer: &mut StreamFramer, buf: &mut BytesMut) -> usize {
     n
 }
 
+/// Everything the balancer's routing reads after `SipMessage::parse`.
+fn routing_reads(msg: &SipMessage) -> usize {
+    let mut n = msg.call_id().map_or(0, <[u8]>::len);
+    n += msg.cseq().map_or(0, |c| c.seq as usize + c.method.len());
+    n += msg.top_via().and_then(|v| v.branch).map_or(0, <[u8]>::len);
+    n += msg
+        .top_via()
+        .map_or(0, |v| v.host.len() + usize::from(v.port.unwrap_or(0)));
+    n += msg.from_tag().map_or(0, <[u8]>::len) + msg.to_tag().map_or(0, <[u8]>::len);
+    n += msg
+        .request_uri()
+        .and_then(|u| u.param("vd"))
+        .map_or(0, |v| v.map_or(1, <[u8]>::len));
+    n += msg.top_route().map_or(0, |r| r.uri.host.len());
+    n += msg.max_forwards().unwrap_or(0) as usize;
+    n += msg.header("X-Viaduct-Backend").map_or(0, <[u8]>::len);
+    n += msg.header("X-Viaduct-Failover").map_or(0, <[u8]>::len);
+    n
+}
+
 fn bench(c: &mut Criterion) {
     const BATCH: usize = 64;
     for (name, msg) in [("invite_sdp", invite()), ("ok200_sdp", ok_200())] {
@@ -92,6 +112,18 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let mut buf = BytesMut::from(&stream[..]);
                 black_box(frame_and_scan(&mut framer, &mut buf))
+            })
+        });
+        g.bench_function("frame+scan+route_reads x64", |b| {
+            let mut framer = StreamFramer::new(Limits::default());
+            b.iter(|| {
+                let mut buf = BytesMut::from(&stream[..]);
+                let mut n = 0;
+                while let Ok(Some(Framed::Message(m))) = framer.decode(&mut buf) {
+                    let Ok(msg) = SipMessage::parse(m) else { break };
+                    n += routing_reads(&msg);
+                }
+                black_box(n)
             })
         });
         g.bench_function("frame+scan+insert_via x64", |b| {

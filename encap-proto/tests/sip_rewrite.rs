@@ -183,3 +183,70 @@ fn edits_inside_removed_headers_are_dropped() {
     assert!(!out.windows(5).any(|w| w == b"rport"));
     assert_untouched_kept(&m, &out, &["via", "v:", "branch"]);
 }
+
+#[test]
+fn uri_hostport_replaced_keeping_user_params_headers() {
+    let m = parse(INVITE);
+    let out = Rewrite::new(&m)
+        .set_uri_hostport(UriTarget::Contact, "203.0.113.7", Some(5070))
+        .set_uri_hostport(UriTarget::RequestUri, "2001:db8::5", None)
+        .set_uri_hostport(UriTarget::TopRoute, "[2001:db8::6]", Some(5061))
+        .finish();
+    insta::assert_snapshot!("uri_hostport", render(&out));
+    let r = SipMessage::parse(out.clone()).unwrap();
+    r.validate().unwrap();
+    let c = r.contact().unwrap();
+    assert_eq!(
+        (c.uri.user, c.uri.host, c.uri.port),
+        (Some(&b"alice"[..]), &b"203.0.113.7"[..], Some(5070))
+    );
+    let u = r.request_uri().unwrap();
+    assert_eq!((u.host, u.port), (&b"[2001:db8::5]"[..], None));
+    assert_eq!(u.param("transport"), Some(Some(&b"udp"[..])));
+    let route = r.top_route().unwrap();
+    assert_eq!(
+        (route.uri.host, route.uri.port),
+        (&b"[2001:db8::6]"[..], Some(5061))
+    );
+    assert_eq!(route.uri.param("lr"), Some(None));
+    assert_untouched_kept(&m, &out, &["invite sip:", "route:", "m: "]);
+
+    // A port is replaced or dropped; user, params and headers stay.
+    let m = parse("OPTIONS sip:u:pw@old.example.com:5060;lr?subject=x SIP/2.0\r\nl: 0\r\n\r\n");
+    let out = Rewrite::new(&m)
+        .set_uri_hostport(UriTarget::RequestUri, "new.example.com", None)
+        .finish();
+    assert_eq!(
+        &out[..],
+        &b"OPTIONS sip:u:pw@new.example.com;lr?subject=x SIP/2.0\r\nl: 0\r\n\r\n"[..]
+    );
+    // Invalid hosts and missing targets are skipped, not applied.
+    let mut rw = Rewrite::new(&m);
+    rw.set_uri_hostport(UriTarget::RequestUri, "a b", None)
+        .set_uri_hostport(UriTarget::RequestUri, "", Some(1))
+        .set_uri_hostport(UriTarget::RequestUri, "h>", Some(1))
+        .set_uri_hostport(UriTarget::Contact, "h", None);
+    assert_eq!(rw.skipped(), 4);
+    assert_eq!(rw.finish(), *m.bytes());
+}
+
+#[test]
+fn viaduct_headers_found_by_the_scan_and_removed_by_prefix() {
+    let m = parse(INVITE);
+    assert!(!m.has_viaduct_headers());
+    assert_eq!(m.header("X-Viaduct-Backend"), None);
+    let raw = INVITE.replace(
+        "Max-Forwards: 70\r\n",
+        "X-Viaduct-Backend: b1\r\nMax-Forwards: 70\r\nx-viaduct-failover: 1;\r\n\tfolded\r\n",
+    );
+    let m = parse(&raw);
+    assert!(m.has_viaduct_headers());
+    assert_eq!(m.header("x-viaduct-backend"), Some(&b"b1"[..]));
+    assert_eq!(m.header("X-Viaduct-Failover"), Some(&b"1;\r\n\tfolded"[..]));
+    let out = Rewrite::new(&m)
+        .remove_headers_with_prefix("X-VIADUCT-")
+        .finish();
+    assert_eq!(&out[..], INVITE.as_bytes());
+    let r = SipMessage::parse(out).unwrap();
+    assert!(!r.has_viaduct_headers());
+}

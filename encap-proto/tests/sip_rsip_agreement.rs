@@ -166,7 +166,8 @@ fn agree_with_rsip_where_both_accept() {
         let Ok(Framed::Message(m)) = frame_datagram(raw.clone(), &Limits::default()) else {
             continue;
         };
-        let ours_msg = SipMessage::parse(m.clone());
+        // Ours accepts: the scan and the full validation of From/To/Contact/Route.
+        let ours_msg = SipMessage::parse(m.clone()).and_then(|o| o.validate().map(|()| o));
         let theirs_msg = rsip::SipMessage::try_from(&m[..]);
         match (ours_msg, theirs_msg) {
             (Ok(o), Ok(t)) => {

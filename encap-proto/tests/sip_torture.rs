@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use bytes::{Bytes, BytesMut};
 use encap_proto::sip::{
     frame_datagram, Framed, FramingError, Limits, Rewrite, SipMessage, StartLine, StreamFramer,
-    UriTarget,
+    Uri, UriTarget,
 };
 
 const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../conformance/corpus");
@@ -139,6 +139,9 @@ fn every_valid_rfc4475_message_frames_and_scans() {
         let raw = read(&format!("rfc4475/valid/{}.sip", t.file));
         let m = datagram(&raw).unwrap_or_else(|e| panic!("{}: {e}", t.file));
         let msg = SipMessage::parse(m.clone()).unwrap_or_else(|e| panic!("{}: {e}", t.file));
+        msg.validate()
+            .unwrap_or_else(|e| panic!("{}: validate: {e}", t.file));
+        assert_cached_agree(&msg);
         assert_eq!(msg.call_id().map(s), Some(t.call_id), "{}", t.file);
         let via = msg
             .top_via()
@@ -260,6 +263,9 @@ enum Expect {
     Frame(&'static str),
     /// Framing succeeds, the scan fails and the error's text contains this.
     Scan(&'static str),
+    /// Framing and scan succeed (the routing fields are read), and
+    /// `SipMessage::validate` fails with an error whose text contains this.
+    Validate(&'static str),
     /// Framing and scan succeed; the router rejects on this property (checked).
     Router(&'static str, fn(&SipMessage) -> bool),
 }
@@ -272,7 +278,7 @@ fn version(m: &SipMessage) -> &[u8] {
 
 #[rustfmt::skip]
 const INVALID: &[(&str, Expect)] = &[
-    ("badaspec", Expect::Scan("malformed To header (line 5): whitespace inside '<>'")),
+    ("badaspec", Expect::Validate("malformed To header (line 5): whitespace inside '<>'")),
     ("baddate", Expect::Router("Date is not used for routing; only an element that needs Date rejects it",
         |m| m.header("Date").is_some_and(|d| d.ends_with(b"EST")))),
     ("baddn", Expect::Frame("UnterminatedHeaders")),
@@ -290,8 +296,8 @@ const INVALID: &[(&str, Expect)] = &[
     ("mismatch02", Expect::Router("501 (or 400): CSeq method differs from the unknown method", |m| m.cseq().map(|c| c.method) != m.method())),
     ("multi01", Expect::Scan("single-valued CSeq header repeated with a different value")),
     ("ncl", Expect::Frame("InvalidContentLength")),
-    ("quotbal", Expect::Scan("malformed To header (line 2): unterminated quoted string")),
-    ("regbadct", Expect::Scan("malformed Contact header (line 8)")),
+    ("quotbal", Expect::Validate("malformed To header (line 2): unterminated quoted string")),
+    ("regbadct", Expect::Validate("malformed Contact header (line 8)")),
     ("scalar02", Expect::Scan("malformed CSeq header (line 5): sequence number exceeds 2^32-1")),
     ("scalarlg", Expect::Scan("malformed CSeq header (line 5): sequence number exceeds 2^32-1")),
     ("trws", Expect::Scan("invalid SIP start line: extra SP")),
@@ -310,9 +316,17 @@ fn check(file: &str, expect: &Expect) {
             let e = SipMessage::parse(m).expect_err(file);
             assert!(e.to_string().contains(text), "{file}: {e}");
         }
+        Expect::Validate(text) => {
+            let m = framed.unwrap_or_else(|e| panic!("{file}: {e}"));
+            let m = SipMessage::parse(m).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let e = m.validate().expect_err(file);
+            assert!(e.to_string().contains(text), "{file}: {e}");
+        }
         Expect::Router(why, prop) => {
             let m = framed.unwrap_or_else(|e| panic!("{file}: {e}"));
             let m = SipMessage::parse(m).unwrap_or_else(|e| panic!("{file}: {e}"));
+            m.validate()
+                .unwrap_or_else(|e| panic!("{file}: validate: {e}"));
             assert!(prop(&m), "{file}: property for {why:?} does not hold");
         }
     }
@@ -337,7 +351,7 @@ fn every_invalid_rfc4475_message_is_caught() {
     // baddn with its empty line: the unquoted display name with a comma fails.
     check(
         "rfc4475/variants/baddn-with-terminating-crlf.sip",
-        &Expect::Scan("malformed From header (line 4)"),
+        &Expect::Validate("malformed From header (line 4)"),
     );
 }
 
@@ -382,9 +396,35 @@ fn no_input_panics_even_truncated_at_every_length() {
     }
 }
 
+/// The views the scan caches (top Via, Request-URI, tags, first values)
+/// agree with a slow re-parse of the same header.
+fn assert_cached_agree(m: &SipMessage) {
+    assert_eq!(m.top_via(), m.vias().next());
+    if let StartLine::Request { uri, .. } = m.start_line() {
+        assert_eq!(m.request_uri(), Uri::parse(uri));
+    }
+    for name in [
+        "Via", "From", "To", "Call-ID", "Contact", "Route", "l", "CSeq",
+    ] {
+        assert_eq!(m.header(name), m.headers(name).next(), "{name}");
+    }
+    assert_eq!(
+        m.header("X-Viaduct-Backend"),
+        m.headers("X-Viaduct-Backend").next()
+    );
+    if m.validate().is_ok() {
+        assert_eq!(
+            m.from_tag(),
+            m.from().and_then(|f| f.param("tag").flatten())
+        );
+        assert_eq!(m.to_tag(), m.to().and_then(|f| f.param("tag").flatten()));
+    }
+}
+
 /// Scans and, if that works, touches every accessor and rewrites.
 fn exercise(b: Bytes) {
     let Ok(m) = SipMessage::parse(b) else { return };
+    assert_cached_agree(&m);
     let _ = (
         m.start_line(),
         m.request_uri(),
@@ -408,8 +448,14 @@ fn exercise(b: Bytes) {
         .set_uri_param(UriTarget::TopRoute, "lr", None)
         .set_uri_param(UriTarget::RequestUri, "x", Some(b"y"))
         .remove_headers("route")
+        .set_uri_hostport(UriTarget::Contact, "2001:db8::1", Some(5060))
+        .remove_headers_with_prefix("X-Viaduct-")
         .finish();
-    let _ = SipMessage::parse(out);
+    let again = SipMessage::parse(out).unwrap();
+    assert!(!again.has_viaduct_headers());
+    if m.validate().is_ok() {
+        again.validate().unwrap();
+    }
 }
 
 #[test]
@@ -545,6 +591,9 @@ fn call_flows_frame_and_scan() {
             continue;
         }
         let m = scanned.unwrap_or_else(|e| panic!("{rel}: {e}"));
+        m.validate()
+            .unwrap_or_else(|e| panic!("{rel}: validate: {e}"));
+        assert_cached_agree(&m);
         assert!(m.call_id().is_some_and(|c| !c.is_empty()), "{rel}");
         assert!(m.top_via().is_some(), "{rel}");
         assert!(m.cseq().is_some(), "{rel}");

@@ -4,13 +4,47 @@
 #![no_main]
 
 use bytes::Bytes;
-use encap_proto::sip::{Limits, Rewrite, SipMessage, UriTarget};
+use encap_proto::sip::{Limits, Rewrite, SipMessage, StartLine, Uri, UriTarget};
 use libfuzzer_sys::fuzz_target;
+
+/// Differential check: the views the scan caches agree with a slow re-parse
+/// of the same header (walk + full parse).
+fn cached_agree(msg: &SipMessage) {
+    assert_eq!(msg.top_via(), msg.vias().next());
+    if let StartLine::Request { uri, .. } = msg.start_line() {
+        assert_eq!(msg.request_uri(), Uri::parse(uri));
+    }
+    for name in [
+        "Via",
+        "From",
+        "To",
+        "Call-ID",
+        "Contact",
+        "Route",
+        "l",
+        "CSeq",
+        "X-Viaduct-Backend",
+    ] {
+        assert_eq!(msg.header(name), msg.headers(name).next(), "{name}");
+    }
+    if msg.validate().is_ok() {
+        assert_eq!(
+            msg.from_tag(),
+            msg.from().and_then(|f| f.param("tag").flatten())
+        );
+        assert_eq!(
+            msg.to_tag(),
+            msg.to().and_then(|f| f.param("tag").flatten())
+        );
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
     let Ok(msg) = SipMessage::parse(Bytes::copy_from_slice(data)) else {
         return;
     };
+    cached_agree(&msg);
+    let valid = msg.validate().is_ok();
     let _ = (
         msg.start_line(),
         msg.request_uri(),
@@ -37,6 +71,9 @@ fuzz_target!(|data: &[u8]| {
         .set_uri_param(UriTarget::TopRoute, "lr", None)
         .set_uri_param(UriTarget::Contact, "ob", None)
         .remove_headers("max-forwards")
+        .set_uri_hostport(UriTarget::Contact, "2001:db8::1", Some(5060))
+        .set_uri_hostport(UriTarget::RequestUri, "lb.example.com", None)
+        .remove_headers_with_prefix("X-Viaduct-")
         .finish();
     let big = Limits {
         max_header_bytes: usize::MAX,
@@ -47,4 +84,11 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(again.call_id(), msg.call_id());
     assert_eq!(again.body(), msg.body());
     assert_eq!(again.max_forwards(), None);
+    assert!(!again.has_viaduct_headers());
+    cached_agree(&again);
+    if valid {
+        again
+            .validate()
+            .expect("a rewrite of a valid message is valid");
+    }
 });

@@ -5,7 +5,8 @@
 
 use bytes::{Bytes, BytesMut};
 use encap_proto::sip::{
-    frame_datagram, Framed, FramingError, Limits, Rewrite, SipMessage, StreamFramer, UriTarget,
+    frame_datagram, Framed, FramingError, Limits, Rewrite, SipMessage, StartLine, StreamFramer,
+    Uri, UriTarget,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -35,10 +36,43 @@ fn run(
     }
 }
 
+/// Differential check: the views the scan caches agree with a slow re-parse
+/// of the same header (walk + full parse).
+fn cached_agree(msg: &SipMessage) {
+    assert_eq!(msg.top_via(), msg.vias().next());
+    if let StartLine::Request { uri, .. } = msg.start_line() {
+        assert_eq!(msg.request_uri(), Uri::parse(uri));
+    }
+    for name in [
+        "Via",
+        "From",
+        "To",
+        "Call-ID",
+        "Contact",
+        "Route",
+        "l",
+        "CSeq",
+        "X-Viaduct-Backend",
+    ] {
+        assert_eq!(msg.header(name), msg.headers(name).next(), "{name}");
+    }
+    if msg.validate().is_ok() {
+        assert_eq!(
+            msg.from_tag(),
+            msg.from().and_then(|f| f.param("tag").flatten())
+        );
+        assert_eq!(
+            msg.to_tag(),
+            msg.to().and_then(|f| f.param("tag").flatten())
+        );
+    }
+}
+
 fn exercise(m: Bytes) {
     let Ok(msg) = SipMessage::parse(m) else {
         return;
     };
+    cached_agree(&msg);
     let _ = (
         msg.start_line(),
         msg.request_uri(),

@@ -39,6 +39,11 @@ use super::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// The cluster secret balancers and agents fall back to when none is
+/// configured: for development on one machine only (both sides warn
+/// loudly when they use it).
+pub const DEVELOPMENT_SECRET: &[u8] = b"viaduct-development-secret-do-not-deploy";
+
 const AGENT_LABEL: &[u8] = b"viaduct-v1 agent";
 const BALANCER_LABEL: &[u8] = b"viaduct-v1 balancer";
 

@@ -24,6 +24,7 @@
 //! the input is split.
 
 use bytes::{Bytes, BytesMut};
+use memchr::memchr_iter;
 
 use super::scan::{classify, crlf_line_end, find_crlfcrlf, parse_u64, Fields, Known};
 use super::Limits;
@@ -93,19 +94,30 @@ pub enum FramingError {
 
 /// Finds the Content-Length of a header section `head` (start line and header
 /// lines, each ending with CRLF, without the final empty line).
+///
+/// One `memchr` pass over the line feeds; only lines that can be
+/// Content-Length (`l` or `Content-Length` before `:`/SP/HT) are split.
 fn content_length(head: &[u8]) -> Result<Option<usize>, FramingError> {
     let mut found: Option<usize> = None;
-    // Skip the start line; then look only at lines that may be Content-Length.
     let end = head.len();
-    let mut pos = crlf_line_end(head, 0, end).1;
-    while pos < end {
-        let first = head[pos];
-        let start = pos;
-        pos = crlf_line_end(head, pos, end).1;
-        if !matches!(first, b'l' | b'L' | b'c' | b'C') {
+    // Line starts are just after a CRLF (a bare LF does not start a line); the
+    // start line is skipped.
+    for lf in memchr_iter(b'\n', head) {
+        let start = lf + 1;
+        if lf == 0 || head[lf - 1] != b'\r' || start >= end {
             continue;
         }
-        // Extend over folded continuation lines.
+        let line = &head[start..];
+        let candidate = match line[0] {
+            b'l' | b'L' => line.len() > 1 && matches!(line[1], b':' | b' ' | b'\t'),
+            b'c' | b'C' => line.len() > 14 && line[..14].eq_ignore_ascii_case(b"content-length"),
+            _ => false,
+        };
+        if !candidate {
+            continue;
+        }
+        // The field with its folded continuation lines.
+        let mut pos = crlf_line_end(head, start, end).1;
         while pos < end && matches!(head[pos], b' ' | b'\t') {
             pos = crlf_line_end(head, pos, end).1;
         }

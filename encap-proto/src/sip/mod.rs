@@ -5,16 +5,19 @@
 //! ```text
 //!  bytes from a socket ──► StreamFramer / frame_datagram ──► Framed::Message(Bytes)
 //!                                                                │
-//!                         SipMessage::parse (offsets only) ◄─────┘
-//!                                │  call_id(), top_via(), cseq(), from_tag() ...
+//!                         SipMessage::parse (one pass, offsets only) ◄─────┘
+//!                                │  call_id(), top_via(), cseq(), from_tag() ... O(1)
+//!                                │  validate() on initial requests (From/To/Contact/Route)
 //!                                ▼
 //!                         Rewrite::new(&msg).insert_header(..).finish() ──► Bytes (one copy)
 //! ```
 //!
 //! * [`framer`]: RFC 3261 §18.3 stream framing (Content-Length mandatory),
 //!   datagram framing, RFC 5626 CRLF keep-alives.
-//! * [`scan`]: a zero-copy scanner of the fields routing needs, tolerant of
-//!   compact names, folded lines and LWS wherever RFC 3261 allows it.
+//! * [`scan`]: a zero-copy, one-pass scanner of the fields routing needs,
+//!   tolerant of compact names, folded lines and LWS wherever RFC 3261 allows
+//!   it; full From/To/Contact/Route syntax checks are in
+//!   [`SipMessage::validate`].
 //! * [`rewrite`]: header insertion/removal and parameter edits applied in one
 //!   pass, everything not edited kept byte for byte.
 //! * [`codec`]: the thin [`tokio_util::codec`] adapter over the framer.

@@ -16,7 +16,8 @@
 //! [`Rewrite::insert_header`] is not removed by [`Rewrite::remove_headers`]
 //! nor edited by [`Rewrite::set_top_via_param`]. An edit falling inside a
 //! removed header is dropped. Set each parameter once per `Rewrite`.
-//! Edits that find no target (no Contact, `Contact: *`, ...) or carry bytes
+//! Edits that find no target (no Contact, `Contact: *`, a malformed Contact or
+//! Route, a URI that is not `sip:`/`sips:`, ...) or carry bytes
 //! that would break the message (CR, LF, a non-token name) are not applied
 //! and are counted by [`Rewrite::skipped`].
 
@@ -24,11 +25,12 @@ use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
 
 use super::scan::{
-    is_token, offset_in, parse_name_addr, parse_via, scan_params, uri_params, NameQuery, Uri,
+    is_token, is_viaduct_name, offset_in, parse_name_addr, scan_host, scan_params, uri_params,
+    Fields, NameQuery, Uri,
 };
 use super::SipMessage;
 
-/// Which URI [`Rewrite::set_uri_param`] edits.
+/// Which URI [`Rewrite::set_uri_param`] and [`Rewrite::set_uri_hostport`] edit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UriTarget {
     /// The Request-URI of a request.
@@ -131,22 +133,44 @@ impl<'m> Rewrite<'m> {
         self
     }
 
+    /// Removes every header whose name starts with `prefix` (ASCII
+    /// case-insensitive, folded continuation lines included), e.g.
+    /// `"X-Viaduct-"` to strip the balancer's internal headers from outside
+    /// traffic. Compact forms are not expanded: `prefix` is matched against
+    /// the name as written. For an `X-Viaduct-*` prefix this costs nothing
+    /// unless [`SipMessage::has_viaduct_headers`] is true.
+    pub fn remove_headers_with_prefix(&mut self, prefix: &str) -> &mut Self {
+        let p = prefix.trim().as_bytes();
+        let msg = self.msg;
+        let buf = &msg.bytes()[..];
+        let (mut from, end) = msg.field_range();
+        if is_viaduct_name(p) {
+            match msg.viaduct_start() {
+                Some(v) => from = v,
+                None => return self,
+            }
+        }
+        for f in Fields::new(buf, from, end).flatten() {
+            let name = &buf[f.name.clone()];
+            if name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p) {
+                self.splice(f.line.start, f.line.end, &[]);
+            }
+        }
+        self
+    }
+
     /// Sets a parameter of the top via-parm: replaces its value if present
     /// (e.g. fills a bare `;rport`), else appends `;name[=value]`.
     pub fn set_top_via_param(&mut self, name: &str, value: Option<&[u8]>) -> &mut Self {
         let msg = self.msg;
         let whole = &msg.bytes()[..];
-        let Some(raw) = msg.raw_via() else {
+        let Some(via) = msg.top_via() else {
             self.skipped += 1;
             return self;
         };
         if !self.param_ok(name, value) {
             return self;
         }
-        let Ok((via, _)) = parse_via(raw, 0) else {
-            self.skipped += 1;
-            return self;
-        };
         let base = offset_in(via.params, whole);
         let mut found = None;
         let _ = scan_params(via.params, 0, |p| {
@@ -194,18 +218,7 @@ impl<'m> Rewrite<'m> {
         }
         let msg = self.msg;
         let whole = &msg.bytes()[..];
-        let uri: Option<Uri<'m>> = match target {
-            UriTarget::RequestUri => msg.request_uri(),
-            UriTarget::Contact => msg
-                .raw_contact()
-                .and_then(|v| parse_name_addr(v, 0).ok())
-                .map(|(na, _)| na.uri),
-            UriTarget::TopRoute => msg
-                .raw_route()
-                .and_then(|v| parse_name_addr(v, 0).ok())
-                .map(|(na, _)| na.uri),
-        };
-        let Some(uri) = uri else {
+        let Some(uri) = self.target_uri(target) else {
             self.skipped += 1;
             return self;
         };
@@ -235,6 +248,121 @@ impl<'m> Rewrite<'m> {
         }
         if needs_brackets {
             self.splice(uri_end, uri_end, &[b">"]);
+        }
+        self
+    }
+
+    /// The `sip:`/`sips:` URI `target` names, if present and well formed.
+    fn target_uri(&self, target: UriTarget) -> Option<Uri<'m>> {
+        let msg = self.msg;
+        let uri = match target {
+            UriTarget::RequestUri => msg.request_uri(),
+            UriTarget::Contact => msg
+                .raw_contact()
+                .and_then(|v| parse_name_addr(v, 0).ok())
+                .map(|(na, _)| na.uri),
+            UriTarget::TopRoute => msg
+                .raw_route()
+                .and_then(|v| parse_name_addr(v, 0).ok())
+                .map(|(na, _)| na.uri),
+        }?;
+        // Other schemes are opaque after the colon: no host or parameters to edit.
+        uri.is_sip().then_some(uri)
+    }
+
+    /// Replaces the `host[:port]` of the Request-URI, the first Contact or
+    /// the top Route, keeping the scheme, user part, parameters and headers
+    /// byte for byte; e.g. the balancer's public address into a Contact.
+    /// `host` is a hostname, an IPv4 address or an IPv6 address (brackets
+    /// added if missing); `port: None` leaves no port. Skipped (see
+    /// [`Rewrite::skipped`]) if the target is absent, not a `sip:`/`sips:`
+    /// URI, or `host` is not a valid host.
+    pub fn set_uri_hostport(
+        &mut self,
+        target: UriTarget,
+        host: &str,
+        port: Option<u16>,
+    ) -> &mut Self {
+        let h = host.as_bytes();
+        let bracket = h.contains(&b':') && !h.starts_with(b"[");
+        let valid = if bracket {
+            !h.is_empty()
+                && h.iter()
+                    .all(|b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'))
+        } else {
+            scan_host(h, 0) == Ok(h.len())
+        };
+        let Some(uri) = self.target_uri(target).filter(|_| valid) else {
+            self.skipped += 1;
+            return self;
+        };
+        let whole = &self.msg.bytes()[..];
+        let start = offset_in(uri.host, whole);
+        let mut end = start + uri.host.len();
+        if uri.port.is_some() {
+            // ':' then the digits the scan accepted.
+            end += 1;
+            while end < whole.len() && whole[end].is_ascii_digit() {
+                end += 1;
+            }
+        }
+        let mut digits = [0u8; 6];
+        let port_text: &[u8] = match port {
+            Some(p) => {
+                let mut n = p;
+                let mut i = digits.len();
+                loop {
+                    i -= 1;
+                    digits[i] = b'0' + (n % 10) as u8;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                i -= 1;
+                digits[i] = b':';
+                &digits[i..]
+            }
+            None => b"",
+        };
+        let (open, close): (&[u8], &[u8]) = if bracket { (b"[", b"]") } else { (b"", b"") };
+        self.splice(start, end, &[open, h, close, port_text]);
+        self
+    }
+
+    /// Removes the top via-parm: its whole header line when it is the only
+    /// value there, else the value and the comma after it (`Via: a, b`
+    /// becomes `Via: b`). An agent removes its own Via this way before the
+    /// application sees a response.
+    pub fn remove_top_via(&mut self) -> &mut Self {
+        let msg = self.msg;
+        let buf = &msg.bytes()[..];
+        let Some(via) = msg.top_via() else {
+            self.skipped += 1;
+            return self;
+        };
+        let q = NameQuery::new("Via");
+        let Some(field) = msg
+            .fields()
+            .flatten()
+            .find(|f| q.matches(&buf[f.name.clone()]))
+        else {
+            self.skipped += 1;
+            return self;
+        };
+        let start = offset_in(via.raw, buf);
+        let mut end = start + via.raw.len();
+        while end < field.value.end && matches!(buf[end], b' ' | b'\t' | b'\r' | b'\n') {
+            end += 1;
+        }
+        if end < field.value.end && buf[end] == b',' {
+            end += 1;
+            while end < field.value.end && matches!(buf[end], b' ' | b'\t' | b'\r' | b'\n') {
+                end += 1;
+            }
+            self.splice(start, end, &[]);
+        } else {
+            self.splice(field.line.start, field.line.end, &[]);
         }
         self
     }
@@ -315,12 +443,56 @@ mod tests {
 
     /// Found by fuzzing (sip_scan): an addr-spec Contact whose opaque URI held
     /// a '>' was accepted, and wrapping it in `<>` for a URI parameter gave a
-    /// message that no longer scanned. URIs may not contain `<`, `>` or `"`.
+    /// message that no longer scanned. URIs may not contain `<`, `>` or `"`:
+    /// `validate` rejects this Contact and the rewriter does not touch it.
     #[test]
     fn addr_spec_with_angle_bracket_is_rejected() {
         let raw =
             "REGISTER sip:a@b SIP/2.0\r\nContact: ip:user@[2001:db8::192.com>\r\nl: 0\r\n\r\n";
-        assert!(SipMessage::parse(Bytes::copy_from_slice(raw.as_bytes())).is_err());
+        let m = msg(raw);
+        assert!(m.validate().is_err());
+        assert!(m.contact().is_none());
+        let mut r = Rewrite::new(&m);
+        r.set_uri_param(UriTarget::Contact, "ob", None)
+            .set_uri_hostport(UriTarget::Contact, "lb.example.com", None);
+        assert_eq!(r.skipped(), 2);
+        assert_eq!(r.finish(), *m.bytes());
+    }
+
+    /// A non-SIP URI is opaque after its colon: its parameters and host are
+    /// not edited. (Its empty parameter view used to point nowhere, so an
+    /// edit could land at an arbitrary offset.)
+    #[test]
+    fn non_sip_uris_are_not_edited() {
+        let m = msg("INVITE tel:+1-201-555-0123 SIP/2.0\r\nm: <tel:+1>\r\nl: 0\r\n\r\n");
+        let mut r = Rewrite::new(&m);
+        r.set_uri_param(UriTarget::RequestUri, "x", None)
+            .set_uri_param(UriTarget::Contact, "ob", None)
+            .set_uri_hostport(UriTarget::RequestUri, "h", Some(1));
+        assert_eq!(r.skipped(), 3);
+        assert_eq!(r.finish(), *m.bytes());
+    }
+
+    #[test]
+    fn hostport_and_prefix_removal() {
+        let m = msg("OPTIONS sip:u@h:5060;lr?X=1 SIP/2.0\r\nX-viaduct-a: 1\r\n 2\r\nX-Other: 3\r\nx-VIADUCT-b: 4\r\nm: sip:c@d;expires=5\r\nl: 0\r\n\r\n");
+        assert!(m.has_viaduct_headers());
+        let out = Rewrite::new(&m)
+            .set_uri_hostport(UriTarget::RequestUri, "2001:db8::1", Some(5080))
+            .set_uri_hostport(UriTarget::Contact, "[2001:db8::2]", None)
+            .remove_headers_with_prefix("X-Viaduct-")
+            .finish();
+        assert_eq!(
+            &out[..],
+            &b"OPTIONS sip:u@[2001:db8::1]:5080;lr?X=1 SIP/2.0\r\nX-Other: 3\r\nm: sip:c@[2001:db8::2];expires=5\r\nl: 0\r\n\r\n"[..]
+        );
+        let r = SipMessage::parse(out).unwrap();
+        assert!(!r.has_viaduct_headers());
+        assert_eq!(r.header("x-viaduct-a"), None);
+        let mut rw = Rewrite::new(&m);
+        rw.set_uri_hostport(UriTarget::RequestUri, "bad host", None)
+            .set_uri_hostport(UriTarget::TopRoute, "h", None);
+        assert_eq!(rw.skipped(), 2);
     }
 
     #[test]

@@ -1,11 +1,15 @@
 //! Zero-copy scanner of the SIP fields routing needs.
 //!
-//! [`SipMessage::parse`] walks the header section once, validates the
-//! routing-critical fields and keeps only `u32` offsets into the message's
-//! [`Bytes`]; typed views ([`Via`], [`CSeq`], [`NameAddr`], [`Uri`]) are
-//! built on demand from those offsets and borrow from the message. Nothing is
-//! allocated per message.
-//!
+//! [`SipMessage::parse`] walks the header section once: the walk itself finds
+//! the empty line ending it (no separate CRLFCRLF search), classifies each
+//! header name with one switch on (length, first letter), and keeps only
+//! `u32` offsets into the message's [`Bytes`]. What routing reads is parsed
+//! during that pass and read back in O(1): the Request-URI (scheme, user,
+//! host, port, parameter area), the top via-parm (sent-by host/port, branch,
+//! received, rport, parameters), Call-ID, CSeq, Max-Forwards, Content-Length,
+//! the From and To tags, the first value of every header [`SipMessage::header`]
+//! answers without a walk, and whether any `X-Viaduct-*` header is present.
+//! Nothing is allocated per message.
 //! ```text
 //!  0                   sl_end      fields.start            fields.end  body.start   body.end
 //!  │ start-line         │CRLF│ name ":" value CRLF ...         │CRLF│    body         │
@@ -20,11 +24,29 @@
 //! ```
 //!
 //! Header names are case-insensitive and compact forms (`i`, `l`, `v`, `f`,
-//! `t`, `m`, ...) are recognised everywhere. A header that routing depends on
-//! (Via, Call-ID, CSeq, Max-Forwards, Content-Length, From, To, the first
-//! Contact and Route values) is validated during the scan: if present and
-//! malformed, or single-valued and repeated with another value, the scan
-//! fails. Missing headers are `None`, never errors: the router decides.
+//! `t`, `m`, ...) are recognised everywhere. Missing headers are `None`,
+//! never errors: the router decides.
+//!
+//! Validation is split in two, so responses and in-dialog requests pay only
+//! for what they use:
+//!
+//! | check                                                        | where |
+//! |--------------------------------------------------------------|-------|
+//! | start line, Request-URI                                      | [`SipMessage::parse`] |
+//! | header line syntax, limits, Content-Length vs body           | [`SipMessage::parse`] |
+//! | every via-parm of every Via; Call-ID, CSeq, Max-Forwards, Content-Length | [`SipMessage::parse`] |
+//! | single-valued headers repeated with another value (multi01)  | [`SipMessage::parse`] |
+//! | From/To: one name-addr or addr-spec (quotbal, badaspec, baddn) | [`SipMessage::validate`] |
+//! | first Contact value (regbadct), first Route value            | [`SipMessage::validate`] |
+//!
+//! The scan locates the From/To tags with a light scan that skips quoted
+//! strings and `<...>`; on any value [`SipMessage::validate`] accepts it agrees
+//! with the full parse (checked by the `sip_scan` fuzz target). A router calls
+//! `validate` on initial requests (no To tag) before acting on them;
+//! [`SipMessage::from`], [`SipMessage::to`], [`SipMessage::contact`] and
+//! [`SipMessage::top_route`] parse on each call and return `None` for a
+//! malformed value, and the rewriter skips edits of a malformed Contact or
+//! Route.
 
 use std::ops::Range;
 
@@ -200,16 +222,11 @@ pub(crate) struct Field {
     pub(crate) value: Range<usize>,
     /// The field's bytes including continuation lines and the final CRLF.
     pub(crate) line: Range<usize>,
-    /// 1-based line number of the field's first line.
-    pub(crate) line_no: usize,
 }
 
-/// A header line that is not `name ":" value`.
+/// A header line that is not `name ":" value` (the scan reports the details).
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum FieldError {
-    MissingColon(usize),
-    InvalidName(usize),
-}
+pub(crate) struct FieldError;
 
 /// Iterates the header fields in `buf[pos..end]`, where `end` is just past the
 /// CRLF of the last header line.
@@ -218,27 +235,18 @@ pub(crate) struct Fields<'a> {
     buf: &'a [u8],
     pos: usize,
     end: usize,
-    line_no: usize,
 }
 
 impl<'a> Fields<'a> {
     pub(crate) fn new(buf: &'a [u8], pos: usize, end: usize) -> Self {
-        Fields {
-            buf,
-            pos,
-            end,
-            line_no: 2,
-        }
-    }
-
-    fn line_end(&self, p: usize) -> (usize, usize) {
-        crlf_line_end(self.buf, p, self.end)
+        Fields { buf, pos, end }
     }
 }
 
 /// End of the physical line starting at `p` in `buf[..end]`: (content end,
 /// next line start). Lines end at CRLF only: a bare LF or CR is part of the
 /// line (the framer and the scanner must agree on line boundaries).
+#[inline]
 pub(crate) fn crlf_line_end(buf: &[u8], p: usize, end: usize) -> (usize, usize) {
     let mut from = p;
     while let Some(off) = memchr(b'\n', &buf[from..end]) {
@@ -258,40 +266,58 @@ impl Iterator for Fields<'_> {
         if self.pos >= self.end {
             return None;
         }
+        let (buf, end) = (self.buf, self.end);
         let start = self.pos;
-        let line_no = self.line_no;
-        let (first_end, mut next) = self.line_end(start);
+        // Name: token chars, then SP/HT, then ':' (the common case); else the
+        // first ':' of the first line, as the scan's error path does.
+        let mut i = start;
+        while i < end && is_token(buf[i]) {
+            i += 1;
+        }
+        let mut name_end = i;
+        while i < end && matches!(buf[i], b' ' | b'\t') {
+            i += 1;
+        }
+        let (first_end, mut next) = crlf_line_end(buf, start, end);
+        let colon = if name_end > start && i < end && buf[i] == b':' {
+            i
+        } else {
+            let Some(colon) = memchr(b':', &buf[start..first_end]).map(|c| start + c) else {
+                self.pos = skip_continuations(buf, next, end);
+                return Some(Err(FieldError));
+            };
+            name_end = colon;
+            while name_end > start && matches!(buf[name_end - 1], b' ' | b'\t') {
+                name_end -= 1;
+            }
+            colon
+        };
         let mut content_end = first_end;
-        self.line_no += 1;
-        while next < self.end && matches!(self.buf[next], b' ' | b'\t') {
-            let (ce, nx) = self.line_end(next);
-            content_end = ce;
-            next = nx;
-            self.line_no += 1;
+        while next < end && matches!(buf[next], b' ' | b'\t') {
+            (content_end, next) = crlf_line_end(buf, next, end);
         }
         self.pos = next;
-        let Some(colon) = memchr(b':', &self.buf[start..first_end]).map(|c| start + c) else {
-            return Some(Err(FieldError::MissingColon(line_no)));
-        };
-        let mut name_end = colon;
-        while name_end > start && matches!(self.buf[name_end - 1], b' ' | b'\t') {
-            name_end -= 1;
+        if name_end == start || matches!(buf[start], b' ' | b'\t') {
+            return Some(Err(FieldError));
         }
-        if name_end == start || matches!(self.buf[start], b' ' | b'\t') {
-            return Some(Err(FieldError::InvalidName(line_no)));
-        }
-        let vs = skip_lws(&self.buf[..content_end], colon + 1);
+        let vs = skip_lws(&buf[..content_end], colon + 1);
         let mut ve = content_end;
-        while ve > vs && is_lws(self.buf[ve - 1]) {
+        while ve > vs && is_lws(buf[ve - 1]) {
             ve -= 1;
         }
         Some(Ok(Field {
             name: start..name_end,
             value: vs..ve,
             line: start..next,
-            line_no,
         }))
     }
+}
+
+fn skip_continuations(buf: &[u8], mut next: usize, end: usize) -> usize {
+    while next < end && matches!(buf[next], b' ' | b'\t') {
+        next = crlf_line_end(buf, next, end).1;
+    }
+    next
 }
 
 /// Header fields the scanner tracks.
@@ -309,27 +335,31 @@ pub(crate) enum Known {
     Other,
 }
 
-/// Classifies a header name (case-insensitive, compact forms included).
+/// Classifies a header name (case-insensitive, compact forms included):
+/// one switch on (length, first letter), then at most one comparison.
+#[inline]
 pub(crate) fn classify(name: &[u8]) -> Known {
-    match name.len() {
-        1 => match name[0].to_ascii_lowercase() {
-            b'i' => Known::CallId,
-            b'l' => Known::ContentLength,
-            b'v' => Known::Via,
-            b'f' => Known::From,
-            b't' => Known::To,
-            b'm' => Known::Contact,
-            _ => Known::Other,
-        },
-        2 if eq_ic(name, b"to") => Known::To,
-        3 if eq_ic(name, b"via") => Known::Via,
-        4 if eq_ic(name, b"from") => Known::From,
-        4 if eq_ic(name, b"cseq") => Known::CSeq,
-        5 if eq_ic(name, b"route") => Known::Route,
-        7 if eq_ic(name, b"call-id") => Known::CallId,
-        7 if eq_ic(name, b"contact") => Known::Contact,
-        12 if eq_ic(name, b"max-forwards") => Known::MaxForwards,
-        14 if eq_ic(name, b"content-length") => Known::ContentLength,
+    let Some(&first) = name.first() else {
+        return Known::Other;
+    };
+    // Lower-cases ASCII letters; other token chars never match a letter below.
+    let is = |long: &[u8]| eq_ic(&name[1..], &long[1..]);
+    match (name.len(), first | 0x20) {
+        (1, b'i') => Known::CallId,
+        (1, b'l') => Known::ContentLength,
+        (1, b'v') => Known::Via,
+        (1, b'f') => Known::From,
+        (1, b't') => Known::To,
+        (1, b'm') => Known::Contact,
+        (2, b't') if is(b"to") => Known::To,
+        (3, b'v') if is(b"via") => Known::Via,
+        (4, b'f') if is(b"from") => Known::From,
+        (4, b'c') if is(b"cseq") => Known::CSeq,
+        (5, b'r') if is(b"route") => Known::Route,
+        (7, b'c') if is(b"call-id") => Known::CallId,
+        (7, b'c') if is(b"contact") => Known::Contact,
+        (12, b'm') if is(b"max-forwards") => Known::MaxForwards,
+        (14, b'c') if is(b"content-length") => Known::ContentLength,
         _ => Known::Other,
     }
 }
@@ -623,7 +653,7 @@ const fn pvalue_table() -> [bool; 256] {
 static PVALUE: [bool; 256] = pvalue_table();
 
 /// Scans a host (`[IPv6]` or hostname/IPv4) at `s[i..]`, returning its end.
-fn scan_host(s: &[u8], i: usize) -> Result<usize, &'static str> {
+pub(crate) fn scan_host(s: &[u8], i: usize) -> Result<usize, &'static str> {
     if i < s.len() && s[i] == b'[' {
         let close = memchr(b']', &s[i..]).ok_or("unterminated IPv6 reference")? + i;
         let inner = &s[i + 1..close];
@@ -763,6 +793,11 @@ pub struct Uri<'a> {
 }
 
 impl<'a> Uri<'a> {
+    /// Whether the scheme is `sip` or `sips` (the only URIs split into parts).
+    pub fn is_sip(&self) -> bool {
+        eq_ic(self.scheme, b"sip") || eq_ic(self.scheme, b"sips")
+    }
+
     /// Parses a URI (no surrounding `<>`, no whitespace).
     pub fn parse(raw: &'a [u8]) -> Option<Self> {
         parse_uri(raw).ok()
@@ -800,7 +835,8 @@ pub(crate) fn parse_uri(raw: &[u8]) -> Result<Uri<'_>, &'static str> {
             user: None,
             host: rest,
             port: None,
-            params: &[],
+            // Empty, but positioned at the end of the URI like every other view.
+            params: &raw[raw.len()..],
             headers: None,
             raw,
         });
@@ -964,9 +1000,101 @@ impl Span {
             end: r.end as u32,
         }
     }
+    /// The span of `sub` inside `base`. `sub` is a sub-slice of `base`, except
+    /// for the empty `&[]` some views hold: that becomes an empty span at 0.
+    fn of(sub: &[u8], base: &[u8]) -> Self {
+        let off = offset_in(sub, base);
+        if off > base.len() || sub.len() > base.len() - off {
+            return Span::default();
+        }
+        Span::new(off..off + sub.len())
+    }
     fn get(self, buf: &[u8]) -> &[u8] {
         buf.get(self.start as usize..self.end as usize)
             .unwrap_or_default()
+    }
+}
+
+/// A [`Uri`] kept as offsets (built once by the scan, read in O(1)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UriSpans {
+    scheme: Span,
+    user: Option<Span>,
+    host: Span,
+    port: Option<u16>,
+    params: Span,
+    headers: Option<Span>,
+    raw: Span,
+}
+
+impl UriSpans {
+    fn of(u: &Uri<'_>, base: &[u8]) -> Self {
+        UriSpans {
+            scheme: Span::of(u.scheme, base),
+            user: u.user.map(|s| Span::of(s, base)),
+            host: Span::of(u.host, base),
+            port: u.port,
+            params: Span::of(u.params, base),
+            headers: u.headers.map(|s| Span::of(s, base)),
+            raw: Span::of(u.raw, base),
+        }
+    }
+    fn get(self, b: &[u8]) -> Uri<'_> {
+        Uri {
+            scheme: self.scheme.get(b),
+            user: self.user.map(|s| s.get(b)),
+            host: self.host.get(b),
+            port: self.port,
+            params: self.params.get(b),
+            headers: self.headers.map(|s| s.get(b)),
+            raw: self.raw.get(b),
+        }
+    }
+}
+
+/// The top via-parm kept as offsets (parsed once by the scan).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ViaSpans {
+    protocol: Span,
+    version: Span,
+    transport: Span,
+    host: Span,
+    port: Option<u16>,
+    branch: Option<Span>,
+    received: Option<Span>,
+    rport: Option<Option<u16>>,
+    params: Span,
+    raw: Span,
+}
+
+impl ViaSpans {
+    fn of(v: &Via<'_>, base: &[u8]) -> Self {
+        ViaSpans {
+            protocol: Span::of(v.protocol, base),
+            version: Span::of(v.version, base),
+            transport: Span::of(v.transport, base),
+            host: Span::of(v.host, base),
+            port: v.port,
+            branch: v.branch.map(|s| Span::of(s, base)),
+            received: v.received.map(|s| Span::of(s, base)),
+            rport: v.rport,
+            params: Span::of(v.params, base),
+            raw: Span::of(v.raw, base),
+        }
+    }
+    fn get(self, b: &[u8]) -> Via<'_> {
+        Via {
+            protocol: self.protocol.get(b),
+            version: self.version.get(b),
+            transport: self.transport.get(b),
+            host: self.host.get(b),
+            port: self.port,
+            branch: self.branch.map(|s| s.get(b)),
+            received: self.received.map(|s| s.get(b)),
+            rport: self.rport,
+            params: self.params.get(b),
+            raw: self.raw.get(b),
+        }
     }
 }
 
@@ -974,7 +1102,7 @@ impl Span {
 enum StartSpans {
     Request {
         method: Span,
-        uri: Span,
+        uri: UriSpans,
         version: Span,
     },
     Response {
@@ -982,6 +1110,14 @@ enum StartSpans {
         reason: Span,
         version: Span,
     },
+}
+
+/// A name-addr header (From, To, Contact, Route) as the scan leaves it: the
+/// raw first value and its line, validated only by [`SipMessage::validate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AddrField {
+    value: Span,
+    line: u32,
 }
 
 /// A framed SIP message with the offsets of what routing needs.
@@ -997,13 +1133,18 @@ pub struct SipMessage {
     call_id: Option<Span>,
     cseq: Option<(u32, Span)>,
     via: Option<Span>,
-    route: Option<Span>,
-    contact: Option<Span>,
-    from: Option<Span>,
-    to: Option<Span>,
+    top_via: Option<ViaSpans>,
+    route: Option<AddrField>,
+    contact: Option<AddrField>,
+    from: Option<AddrField>,
+    to: Option<AddrField>,
+    from_tag: Option<Span>,
+    to_tag: Option<Span>,
     max_forwards: Option<u32>,
     content_length: Option<u32>,
     header_count: u32,
+    /// Offset of the first header line whose name starts with `X-Viaduct-`.
+    viaduct: Option<u32>,
 }
 
 fn is_version(v: &[u8]) -> bool {
@@ -1073,10 +1214,11 @@ fn parse_start_line(line: &[u8]) -> Result<StartSpans, ScanError> {
     if !is_version(version) {
         return Err(bad("request line version is not SIP/x.y"));
     }
-    parse_uri(&line[sp1 + 1..sp2]).map_err(|reason| ScanError::InvalidRequestUri { reason })?;
+    let uri =
+        parse_uri(&line[sp1 + 1..sp2]).map_err(|reason| ScanError::InvalidRequestUri { reason })?;
     Ok(StartSpans::Request {
         method: Span::new(0..sp1),
-        uri: Span::new(sp1 + 1..sp2),
+        uri: UriSpans::of(&uri, line),
         version: Span::new(sp2 + 1..line.len()),
     })
 }
@@ -1089,6 +1231,30 @@ fn malformed(header: &'static str, line: usize) -> impl Fn(&'static str) -> Scan
     }
 }
 
+/// Stores a single-valued name-addr header, rejecting a different
+/// repetition; `Ok(true)` if this is its first occurrence.
+fn set_single_addr(
+    slot: &mut Option<AddrField>,
+    buf: &[u8],
+    value: Range<usize>,
+    header: &'static str,
+    line: usize,
+) -> Result<bool, ScanError> {
+    match slot {
+        Some(prev) if prev.value.get(buf) != &buf[value.clone()] => {
+            Err(ScanError::RepeatedHeader { header, line })
+        }
+        Some(_) => Ok(false),
+        None => {
+            *slot = Some(AddrField {
+                value: Span::new(value),
+                line: line as u32,
+            });
+            Ok(true)
+        }
+    }
+}
+
 /// Stores a single-valued header, rejecting a different repetition.
 fn set_single(
     slot: &mut Option<Span>,
@@ -1096,17 +1262,99 @@ fn set_single(
     value: Range<usize>,
     header: &'static str,
     line: usize,
-) -> Result<bool, ScanError> {
+) -> Result<(), ScanError> {
     match slot {
         Some(prev) if prev.get(buf) != &buf[value.clone()] => {
             Err(ScanError::RepeatedHeader { header, line })
         }
-        Some(_) => Ok(false),
+        Some(_) => Ok(()),
         None => {
             *slot = Some(Span::new(value));
-            Ok(true)
+            Ok(())
         }
     }
+}
+
+/// Where the header parameters of a From/To value start: after the `>` of a
+/// name-addr, or at the first `;` (or `,`) of an addr-spec. Quoted strings are
+/// skipped. A light scan, not a validation: it agrees with
+/// [`parse_name_addr`] on every value that parses.
+fn header_params_start(v: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < v.len() {
+        match v[i] {
+            b'"' => i = quoted_end(v, i).ok()?,
+            b'<' => return Some(memchr(b'>', &v[i..])? + i + 1),
+            b';' | b',' => return Some(i),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// The value of the `tag` header parameter of a From/To value, if any.
+fn find_tag(v: &[u8]) -> Option<Range<usize>> {
+    let ps = header_params_start(v)?;
+    let mut found: Option<Option<Range<usize>>> = None;
+    let _ = scan_params(v, ps, |p| {
+        if found.is_none() && eq_ic(&v[p.name.clone()], b"tag") {
+            found = Some(p.value);
+        }
+    });
+    found.flatten()
+}
+
+/// Whether a header name starts with `X-Viaduct-` (case-insensitive).
+pub(crate) fn is_viaduct_name(name: &[u8]) -> bool {
+    name.len() >= 10 && name[0] | 0x20 == b'x' && eq_ic(&name[1..10], b"-viaduct-")
+}
+
+/// The error of a message whose header section is missing or too large, as
+/// checked before anything else: the scan's fast path finds the end of the
+/// header section as it walks, and consults this only on failure.
+fn termination_error(buf: &[u8], limits: &Limits) -> Option<ScanError> {
+    match find_crlfcrlf(buf) {
+        None if buf.len() > limits.max_header_bytes => Some(ScanError::HeaderTooLarge {
+            limit: limits.max_header_bytes,
+        }),
+        None => Some(ScanError::UnterminatedHeaders),
+        Some(h) if h + 4 > limits.max_header_bytes => Some(ScanError::HeaderTooLarge {
+            limit: limits.max_header_bytes,
+        }),
+        Some(_) => None,
+    }
+}
+
+/// The error for a header line at `start` that the fast path could not split
+/// into `token LWS? ":"` (cold path, same precedence as [`Fields`]).
+#[cold]
+fn field_error(buf: &[u8], start: usize, line: usize, count: usize, limits: &Limits) -> ScanError {
+    let (first_end, _) = crlf_line_end(buf, start, buf.len());
+    let Some(colon) = memchr(b':', &buf[start..first_end]).map(|c| start + c) else {
+        return ScanError::MissingColon { line };
+    };
+    let mut name_end = colon;
+    while name_end > start && matches!(buf[name_end - 1], b' ' | b'\t') {
+        name_end -= 1;
+    }
+    if name_end == start || matches!(buf[start], b' ' | b'\t') {
+        return ScanError::InvalidHeaderName { line };
+    }
+    if count + 1 > limits.max_headers {
+        return ScanError::TooManyHeaders {
+            limit: limits.max_headers,
+        };
+    }
+    ScanError::InvalidHeaderName { line }
+}
+
+/// Validates one From/To value: exactly one name-addr or addr-spec.
+fn check_single_name_addr(v: &[u8]) -> Result<(), &'static str> {
+    let (_, next) = parse_name_addr(v, 0)?;
+    if next < v.len() || v.last() == Some(&b',') {
+        return Err("more than one value");
+    }
+    Ok(())
 }
 
 fn parse_cseq(v: &[u8]) -> Result<(u32, Range<usize>), &'static str> {
@@ -1146,172 +1394,102 @@ impl SipMessage {
         if u32::try_from(buf.len()).is_err() {
             return Err(ScanError::MessageTooLarge { len: buf.len() });
         }
-        let Some(h) = find_crlfcrlf(buf) else {
-            if buf.len() > limits.max_header_bytes {
-                return Err(ScanError::HeaderTooLarge {
-                    limit: limits.max_header_bytes,
-                });
+        match Self::scan(buf, limits) {
+            Ok(mut msg) => {
+                msg.bytes = bytes;
+                Ok(msg)
             }
-            return Err(ScanError::UnterminatedHeaders);
-        };
-        if h + 4 > limits.max_header_bytes {
-            return Err(ScanError::HeaderTooLarge {
-                limit: limits.max_header_bytes,
-            });
+            // A missing or oversized header section is reported first, as
+            // if it had been checked before the walk.
+            Err(e) => Err(termination_error(buf, limits).unwrap_or(e)),
         }
-        // h is the first CRLF of the first CRLFCRLF, so the start line ends at or before it.
-        let sl_end = memchr(b'\n', &buf[..h + 2])
-            .filter(|&lf| lf > 0 && buf[lf - 1] == b'\r')
-            .map_or(h, |lf| lf - 1);
-        let start = parse_start_line(&buf[..sl_end])?;
-        let fields_start = (sl_end + 2).min(h + 2);
-        let fields_end = h + 2;
+    }
 
+    /// The one pass over the header section: finds its end, classifies every
+    /// header name and records what routing reads.
+    fn scan(buf: &[u8], limits: &Limits) -> Result<Self, ScanError> {
+        let len = buf.len();
+        let (sl_end, fields_start) = crlf_line_end(buf, 0, len);
+        if sl_end == len {
+            return Err(ScanError::UnterminatedHeaders);
+        }
+        let start = parse_start_line(&buf[..sl_end])?;
         let mut msg = SipMessage {
             bytes: Bytes::new(),
             start,
-            fields: Span::new(fields_start..fields_end),
+            fields: Span::default(),
             body: Span::default(),
             call_id: None,
             cseq: None,
             via: None,
+            top_via: None,
             route: None,
             contact: None,
             from: None,
             to: None,
+            from_tag: None,
+            to_tag: None,
             max_forwards: None,
             content_length: None,
             header_count: 0,
+            viaduct: None,
         };
+        let max_header_bytes = limits.max_header_bytes;
+        let mut p = fields_start;
+        let mut line_no = 2usize;
         let mut count = 0usize;
-        for field in Fields::new(buf, fields_start, fields_end) {
-            let f = field.map_err(|e| match e {
-                FieldError::MissingColon(line) => ScanError::MissingColon { line },
-                FieldError::InvalidName(line) => ScanError::InvalidHeaderName { line },
-            })?;
+        let fields_end = loop {
+            // The header section ends at p + 2 at the earliest.
+            if p + 2 > max_header_bytes {
+                return Err(ScanError::HeaderTooLarge {
+                    limit: max_header_bytes,
+                });
+            }
+            if p + 1 < len && buf[p] == b'\r' && buf[p + 1] == b'\n' {
+                break p;
+            }
+            // Fast path: `token *(SP / HT) ":"`; anything else is an error
+            // worked out by `field_error`.
+            let start = p;
+            let mut i = p;
+            while i < len && is_token(buf[i]) {
+                i += 1;
+            }
+            let name_end = i;
+            while i < len && matches!(buf[i], b' ' | b'\t') {
+                i += 1;
+            }
+            if name_end == start || i >= len || buf[i] != b':' {
+                return Err(field_error(buf, start, line_no, count, limits));
+            }
+            let colon = i;
+            let (mut content_end, mut next) = crlf_line_end(buf, colon + 1, len);
+            let line = line_no;
+            line_no += 1;
+            while next < len && matches!(buf[next], b' ' | b'\t') {
+                (content_end, next) = crlf_line_end(buf, next, len);
+                line_no += 1;
+            }
+            if content_end == len {
+                return Err(ScanError::UnterminatedHeaders);
+            }
             count += 1;
             if count > limits.max_headers {
                 return Err(ScanError::TooManyHeaders {
                     limit: limits.max_headers,
                 });
             }
-            let name = &buf[f.name.clone()];
-            if !name.iter().all(|&b| is_token(b)) {
-                return Err(ScanError::InvalidHeaderName { line: f.line_no });
+            let vs = skip_lws(&buf[..content_end], colon + 1);
+            let mut ve = content_end;
+            while ve > vs && is_lws(buf[ve - 1]) {
+                ve -= 1;
             }
-            let v = &buf[f.value.clone()];
-            let line = f.line_no;
-            match classify(name) {
-                Known::Other => {}
-                Known::CallId => {
-                    let bad = malformed("Call-ID", line);
-                    if v.is_empty() {
-                        return Err(bad("empty value"));
-                    }
-                    if v.iter().any(|&b| is_lws(b) || b < 0x20 || b == 0x7f) {
-                        return Err(bad("whitespace or control character in the value"));
-                    }
-                    set_single(&mut msg.call_id, buf, f.value, "Call-ID", line)?;
-                }
-                Known::CSeq => {
-                    let (seq, m) = parse_cseq(v).map_err(malformed("CSeq", line))?;
-                    let m = f.value.start + m.start..f.value.start + m.end;
-                    match msg.cseq {
-                        Some((s, pm)) if s != seq || pm.get(buf) != &buf[m.clone()] => {
-                            return Err(ScanError::RepeatedHeader {
-                                header: "CSeq",
-                                line,
-                            })
-                        }
-                        Some(_) => {}
-                        None => msg.cseq = Some((seq, Span::new(m))),
-                    }
-                }
-                Known::MaxForwards => {
-                    let n = parse_u64(v)
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or("not a number up to 2^32-1")
-                        .map_err(malformed("Max-Forwards", line))?;
-                    match msg.max_forwards {
-                        Some(p) if p != n => {
-                            return Err(ScanError::RepeatedHeader {
-                                header: "Max-Forwards",
-                                line,
-                            })
-                        }
-                        _ => msg.max_forwards = Some(n),
-                    }
-                }
-                Known::ContentLength => {
-                    let n = parse_u64(v)
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or("not a non-negative number")
-                        .map_err(malformed("Content-Length", line))?;
-                    match msg.content_length {
-                        Some(p) if p != n => {
-                            return Err(ScanError::RepeatedHeader {
-                                header: "Content-Length",
-                                line,
-                            })
-                        }
-                        _ => msg.content_length = Some(n),
-                    }
-                }
-                Known::Via => {
-                    if v.is_empty() {
-                        return Err(malformed("Via", line)("empty value"));
-                    }
-                    let mut i = 0;
-                    while i < v.len() {
-                        let (_, next) = parse_via(v, i).map_err(malformed("Via", line))?;
-                        i = next;
-                    }
-                    if v.last() == Some(&b',') {
-                        return Err(malformed("Via", line)("empty via-parm after ','"));
-                    }
-                    if msg.via.is_none() {
-                        msg.via = Some(Span::new(f.value));
-                    }
-                }
-                Known::From | Known::To => {
-                    let header = if classify(name) == Known::From {
-                        "From"
-                    } else {
-                        "To"
-                    };
-                    let slot = if header == "From" {
-                        &mut msg.from
-                    } else {
-                        &mut msg.to
-                    };
-                    if set_single(slot, buf, f.value.clone(), header, line)? {
-                        let (_, next) = parse_name_addr(v, 0).map_err(malformed(header, line))?;
-                        if next < v.len() || v.last() == Some(&b',') {
-                            return Err(malformed(header, line)("more than one value"));
-                        }
-                    }
-                }
-                Known::Contact => {
-                    if msg.contact.is_none() {
-                        if v.is_empty() {
-                            return Err(malformed("Contact", line)("empty value"));
-                        }
-                        if v != b"*" {
-                            parse_name_addr(v, 0).map_err(malformed("Contact", line))?;
-                        }
-                        msg.contact = Some(Span::new(f.value));
-                    }
-                }
-                Known::Route => {
-                    if msg.route.is_none() {
-                        parse_name_addr(v, 0).map_err(malformed("Route", line))?;
-                        msg.route = Some(Span::new(f.value));
-                    }
-                }
-            }
-        }
-        let body_start = h + 4;
-        let avail = buf.len() - body_start;
+            msg.field(buf, &buf[start..name_end], vs..ve, line, start)?;
+            p = next;
+        };
+        msg.fields = Span::new(fields_start..fields_end);
+        let body_start = fields_end + 2;
+        let avail = len - body_start;
         let body_len = match msg.content_length {
             Some(cl) => {
                 let cl = cl as usize;
@@ -1327,8 +1505,167 @@ impl SipMessage {
         };
         msg.body = Span::new(body_start..body_start + body_len);
         msg.header_count = count as u32;
-        msg.bytes = bytes;
         Ok(msg)
+    }
+
+    /// Records one header field: `name` (all token chars), its LWS-trimmed
+    /// `value` range, its 1-based `line` and where its line starts.
+    #[inline]
+    fn field(
+        &mut self,
+        buf: &[u8],
+        name: &[u8],
+        value: Range<usize>,
+        line: usize,
+        line_start: usize,
+    ) -> Result<(), ScanError> {
+        let v = &buf[value.clone()];
+        match classify(name) {
+            Known::Other => {
+                if self.viaduct.is_none() && is_viaduct_name(name) {
+                    self.viaduct = Some(line_start as u32);
+                }
+            }
+            Known::CallId => {
+                let bad = malformed("Call-ID", line);
+                if v.is_empty() {
+                    return Err(bad("empty value"));
+                }
+                if v.iter().any(|&b| is_lws(b) || b < 0x20 || b == 0x7f) {
+                    return Err(bad("whitespace or control character in the value"));
+                }
+                set_single(&mut self.call_id, buf, value, "Call-ID", line)?;
+            }
+            Known::CSeq => {
+                let (seq, m) = parse_cseq(v).map_err(malformed("CSeq", line))?;
+                let m = value.start + m.start..value.start + m.end;
+                match self.cseq {
+                    Some((s, pm)) if s != seq || pm.get(buf) != &buf[m.clone()] => {
+                        return Err(ScanError::RepeatedHeader {
+                            header: "CSeq",
+                            line,
+                        })
+                    }
+                    Some(_) => {}
+                    None => self.cseq = Some((seq, Span::new(m))),
+                }
+            }
+            Known::MaxForwards => {
+                let n = parse_u64(v)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or("not a number up to 2^32-1")
+                    .map_err(malformed("Max-Forwards", line))?;
+                match self.max_forwards {
+                    Some(p) if p != n => {
+                        return Err(ScanError::RepeatedHeader {
+                            header: "Max-Forwards",
+                            line,
+                        })
+                    }
+                    _ => self.max_forwards = Some(n),
+                }
+            }
+            Known::ContentLength => {
+                let n = parse_u64(v)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or("not a non-negative number")
+                    .map_err(malformed("Content-Length", line))?;
+                match self.content_length {
+                    Some(p) if p != n => {
+                        return Err(ScanError::RepeatedHeader {
+                            header: "Content-Length",
+                            line,
+                        })
+                    }
+                    _ => self.content_length = Some(n),
+                }
+            }
+            Known::Via => {
+                if v.is_empty() {
+                    return Err(malformed("Via", line)("empty value"));
+                }
+                let (top, mut i) = parse_via(v, 0).map_err(malformed("Via", line))?;
+                if self.top_via.is_none() {
+                    self.top_via = Some(ViaSpans::of(&top, buf));
+                    self.via = Some(Span::new(value));
+                }
+                while i < v.len() {
+                    let (_, next) = parse_via(v, i).map_err(malformed("Via", line))?;
+                    i = next;
+                }
+                if v.last() == Some(&b',') {
+                    return Err(malformed("Via", line)("empty via-parm after ','"));
+                }
+            }
+            Known::From => {
+                if set_single_addr(&mut self.from, buf, value.clone(), "From", line)? {
+                    self.from_tag =
+                        find_tag(v).map(|t| Span::new(value.start + t.start..value.start + t.end));
+                }
+            }
+            Known::To => {
+                if set_single_addr(&mut self.to, buf, value.clone(), "To", line)? {
+                    self.to_tag =
+                        find_tag(v).map(|t| Span::new(value.start + t.start..value.start + t.end));
+                }
+            }
+            Known::Contact => {
+                if self.contact.is_none() {
+                    self.contact = Some(AddrField {
+                        value: Span::new(value),
+                        line: line as u32,
+                    });
+                }
+            }
+            Known::Route => {
+                if self.route.is_none() {
+                    self.route = Some(AddrField {
+                        value: Span::new(value),
+                        line: line as u32,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Full syntax validation of what the scan only locates: the From and
+    /// To values (one name-addr or addr-spec each), the first Contact value
+    /// (`*` or a name-addr/addr-spec) and the first Route value. Call it on
+    /// initial requests before acting on them (RFC 4475 quotbal, badaspec,
+    /// regbadct); in-dialog requests and responses can be relayed without it.
+    ///
+    /// Reports the malformed header on the lowest line, as
+    /// [`ScanError::MalformedHeader`].
+    pub fn validate(&self) -> Result<(), ScanError> {
+        let b = &self.bytes[..];
+        let mut first: Option<ScanError> = None;
+        let mut first_line = u32::MAX;
+        let mut check = |field: Option<AddrField>,
+                         header: &'static str,
+                         f: fn(&[u8]) -> Result<(), &'static str>| {
+            if let Some(a) = field {
+                if a.line < first_line {
+                    if let Err(reason) = f(a.value.get(b)) {
+                        first_line = a.line;
+                        first = Some(malformed(header, a.line as usize)(reason));
+                    }
+                }
+            }
+        };
+        check(self.from, "From", check_single_name_addr);
+        check(self.to, "To", check_single_name_addr);
+        check(self.contact, "Contact", |v| {
+            if v.is_empty() {
+                return Err("empty value");
+            }
+            if v != b"*" {
+                parse_name_addr(v, 0)?;
+            }
+            Ok(())
+        });
+        check(self.route, "Route", |v| parse_name_addr(v, 0).map(|_| ()));
+        first.map_or(Ok(()), Err)
     }
 
     /// The whole message.
@@ -1356,7 +1693,7 @@ impl SipMessage {
                 version,
             } => StartLine::Request {
                 method: method.get(b),
-                uri: uri.get(b),
+                uri: uri.raw.get(b),
                 version: version.get(b),
             },
             StartSpans::Response {
@@ -1392,10 +1729,10 @@ impl SipMessage {
         matches!(self.start, StartSpans::Request { .. })
     }
 
-    /// The Request-URI of a request (validated by the scan).
+    /// The Request-URI of a request (parsed and validated by the scan).
     pub fn request_uri(&self) -> Option<Uri<'_>> {
         match self.start {
-            StartSpans::Request { uri, .. } => parse_uri(uri.get(&self.bytes)).ok(),
+            StartSpans::Request { uri, .. } => Some(uri.get(&self.bytes)),
             StartSpans::Response { .. } => None,
         }
     }
@@ -1415,8 +1752,7 @@ impl SipMessage {
 
     /// The first via-parm of the first Via header.
     pub fn top_via(&self) -> Option<Via<'_>> {
-        let v = self.via?.get(&self.bytes);
-        parse_via(v, 0).ok().map(|(via, _)| via)
+        self.top_via.map(|v| v.get(&self.bytes))
     }
 
     /// Every via-parm of every Via header, top first.
@@ -1434,38 +1770,53 @@ impl SipMessage {
         })
     }
 
-    /// The first value of the first Route header.
+    /// The first value of the first Route header, parsed on each call
+    /// (`None` if malformed: see [`SipMessage::validate`]).
     pub fn top_route(&self) -> Option<NameAddr<'_>> {
-        let v = self.route?.get(&self.bytes);
+        let v = self.raw_route()?;
         parse_name_addr(v, 0).ok().map(|(na, _)| na)
     }
 
-    /// The first value of the first Contact header (`None` for `Contact: *`).
+    /// The first value of the first Contact header, parsed on each call
+    /// (`None` for `Contact: *` or if malformed: see [`SipMessage::validate`]).
     pub fn contact(&self) -> Option<NameAddr<'_>> {
-        let v = self.contact?.get(&self.bytes);
+        let v = self.raw_contact()?;
         parse_name_addr(v, 0).ok().map(|(na, _)| na)
     }
 
-    /// The From header.
+    /// The From header, parsed on each call (`None` if malformed: see
+    /// [`SipMessage::validate`]).
     pub fn from(&self) -> Option<NameAddr<'_>> {
-        let v = self.from?.get(&self.bytes);
+        let v = self.from?.value.get(&self.bytes);
         parse_name_addr(v, 0).ok().map(|(na, _)| na)
     }
 
-    /// The To header.
+    /// The To header, parsed on each call (`None` if malformed: see
+    /// [`SipMessage::validate`]).
     pub fn to(&self) -> Option<NameAddr<'_>> {
-        let v = self.to?.get(&self.bytes);
+        let v = self.to?.value.get(&self.bytes);
         parse_name_addr(v, 0).ok().map(|(na, _)| na)
     }
 
-    /// The From tag.
+    /// The From tag (located by the scan; O(1)). On a From that
+    /// [`SipMessage::validate`] accepts, equal to
+    /// `from()?.param("tag").flatten()`.
     pub fn from_tag(&self) -> Option<&[u8]> {
-        self.from()?.param("tag").flatten()
+        self.from_tag.map(|s| s.get(&self.bytes))
     }
 
-    /// The To tag.
+    /// The To tag (located by the scan; O(1)). On a To that
+    /// [`SipMessage::validate`] accepts, equal to
+    /// `to()?.param("tag").flatten()`.
     pub fn to_tag(&self) -> Option<&[u8]> {
-        self.to()?.param("tag").flatten()
+        self.to_tag.map(|s| s.get(&self.bytes))
+    }
+
+    /// Whether a header name starts with `X-Viaduct-` (case-insensitive),
+    /// recorded by the scan: the balancer strips such headers from outside
+    /// traffic ([`Rewrite::remove_headers_with_prefix`](super::Rewrite::remove_headers_with_prefix)).
+    pub fn has_viaduct_headers(&self) -> bool {
+        self.viaduct.is_some()
     }
 
     /// The Max-Forwards value.
@@ -1486,13 +1837,36 @@ impl SipMessage {
     /// The first value of a header, raw and LWS-trimmed (folds inside kept).
     /// `name` is case-insensitive and compact-aware (`"i"` finds `Call-ID`
     /// and `"call-id"` finds `i`).
+    ///
+    /// O(1) for the headers the scan records (Call-ID, Via, From, To, Contact,
+    /// Route) and for absent Max-Forwards, CSeq, Content-Length and
+    /// `X-Viaduct-*` headers; otherwise a walk of the header lines.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
+        let n = name.trim().as_bytes();
+        let b = &self.bytes[..];
+        let mut from = self.fields.start as usize;
+        if !n.is_empty() {
+            match classify(n) {
+                Known::CallId => return self.call_id(),
+                Known::Via => return self.raw_via(),
+                Known::From => return self.from.map(|a| a.value.get(b)),
+                Known::To => return self.to.map(|a| a.value.get(b)),
+                Known::Contact => return self.raw_contact(),
+                Known::Route => return self.raw_route(),
+                Known::MaxForwards if self.max_forwards.is_none() => return None,
+                Known::ContentLength if self.content_length.is_none() => return None,
+                Known::CSeq if self.cseq.is_none() => return None,
+                _ => {}
+            }
+            if is_viaduct_name(n) {
+                from = self.viaduct? as usize;
+            }
+        }
         let q = NameQuery::new(name);
-        let buf = &self.bytes[..];
-        self.fields()
+        Fields::new(b, from, self.fields.end as usize)
             .filter_map(Result::ok)
-            .find(|f| q.matches(&buf[f.name.clone()]))
-            .map(|f| &buf[f.value])
+            .find(|f| q.matches(&b[f.name.clone()]))
+            .map(|f| &b[f.value])
     }
 
     /// Every value of a header, one per header line (comma lists not split).
@@ -1518,15 +1892,25 @@ impl SipMessage {
         self.fields.start as usize
     }
 
+    /// The header fields: from just after the start line to just after the
+    /// CRLF of the last header line.
+    pub(crate) fn field_range(&self) -> (usize, usize) {
+        (self.fields.start as usize, self.fields.end as usize)
+    }
+
     /// The raw value of the first Via, Contact, Route header (for the rewriter).
     pub(crate) fn raw_via(&self) -> Option<&[u8]> {
         self.via.map(|s| s.get(&self.bytes))
     }
     pub(crate) fn raw_contact(&self) -> Option<&[u8]> {
-        self.contact.map(|s| s.get(&self.bytes))
+        self.contact.map(|a| a.value.get(&self.bytes))
     }
     pub(crate) fn raw_route(&self) -> Option<&[u8]> {
-        self.route.map(|s| s.get(&self.bytes))
+        self.route.map(|a| a.value.get(&self.bytes))
+    }
+    /// Offset of the first `X-Viaduct-*` header line, if any.
+    pub(crate) fn viaduct_start(&self) -> Option<usize> {
+        self.viaduct.map(|o| o as usize)
     }
 
     /// The body (exactly Content-Length bytes when present).
