@@ -268,3 +268,137 @@ impl SipTcp {
             .unwrap_or_else(|| panic!("no SIP message within 5 s"))
     }
 }
+
+/// A `viaduct-demo-backend` process whose agent dials a balancer; it
+/// records every message it receives (`<Call-ID> <method or status>`).
+#[derive(Debug)]
+pub struct DemoBackend {
+    child: Child,
+    name: String,
+    record: PathBuf,
+}
+
+impl DemoBackend {
+    /// Starts backend `name` for the balancer `lb` (same secret), recording
+    /// into `lb`'s folder; `extra` are more command-line arguments.
+    pub fn start(name: &str, lb: &Viaduct, extra: &[&str]) -> DemoBackend {
+        let record = lb.dir().join(format!("{name}.record"));
+        let child = Command::new(bin("viaduct-demo-backend", "viaduct-demo-backend"))
+            .args([
+                "--name",
+                name,
+                "--balancer",
+                &lb.agents().to_string(),
+                "--stats-ms",
+                "100",
+            ])
+            .arg("--secret-file")
+            .arg(lb.dir().join("secret"))
+            .arg("--record")
+            .arg(&record)
+            .args(extra)
+            .env("VIADUCT_LOG", "warn")
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start demo backend {name}: {e}"));
+        DemoBackend {
+            child,
+            name: name.to_owned(),
+            record,
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What it recorded so far: `(Call-ID, method or status)` per message.
+    pub fn record(&self) -> Vec<(String, String)> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                l.rsplit_once(' ')
+                    .map(|(c, m)| (c.to_owned(), m.to_owned()))
+            })
+            .collect()
+    }
+
+    /// Kills it (SIGKILL), like a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DemoBackend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Viaduct {
+    /// Waits until `n` backends are up (the balancer logs each), or panics
+    /// after `within`.
+    pub fn wait_backends(&self, n: usize, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let up = self
+                .log()
+                .iter()
+                .filter(|l| l.contains("backend up"))
+                .count();
+            if up >= n {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                panic!(
+                    "only {up} of {n} backends came up:\n{}",
+                    self.log().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The SIPp scenarios of the repository (`tests/sipp/`).
+pub fn scenario(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("sipp")
+        .join(name)
+}
+
+/// Runs SIPp (`sip-tester`, installed by `ci/install.sh`) with `args`, in
+/// the foreground, bounded by `-timeout`; returns its exit status and its
+/// final statistics screen.
+pub fn sipp(args: &[&str], timeout_secs: u64) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+    let screen = dir.path().join("screen.log");
+    let out = Command::new("sipp")
+        .args(args)
+        .args(["-nostdin", "-timeout", &format!("{timeout_secs}s"), "-timeout_error", "-trace_screen", "-screen_file"])
+        .arg(&screen)
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sipp ({e}): install it with `bash ci/install.sh` (Debian package sip-tester)"));
+    let text = std::fs::read_to_string(&screen).unwrap_or_default();
+    (
+        out.status,
+        format!("{text}\n{}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+/// The value of a counter line of SIPp's final screen, e.g.
+/// `Successful call` or `Failed call` (the cumulative column).
+pub fn sipp_count(screen: &str, what: &str) -> u64 {
+    screen
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with(what))
+        .and_then(|l| l.rsplit('|').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no `{what}` in the SIPp screen:\n{screen}"))
+}
