@@ -47,6 +47,31 @@
 //! new_call_capacity = 500000
 //! report_interval_ms = 500
 //! missed_reports_down = 3
+//! failover = "backup"              # tagged request, backend down: "backup" or "reject" (503)
+//! default_pool = "default"         # calls no rule matches; agents no pool lists
+//! default_capacity = 1000          # capacity of a backend whose agent reports none
+//! traffic_window_ms = 10000        # sliding window of the least-traffic counters
+//!
+//! # Pools (none needed: a default pool holds every agent, least-loaded).
+//! # [[pools]]
+//! # name = "conference"
+//! # policy = "least-loaded"        # "weighted-round-robin", "least-traffic", "hash"
+//! # hash_key = "call-id"           # hash: "from-user", "to-user", "request-uri-user"
+//! # traffic_metric = "messages"    # least-traffic: "bytes", "messages-to-backend",
+//! #                                #   "messages-from-backend", "bytes-to-backend", "bytes-from-backend"
+//! # backends = ["conf-1", "conf-2"]  # agent names
+//! # high_water_percent = 90        # at or above: no new calls while another has headroom
+//! # overflow_pool = "default"      # where calls go when this pool is full
+//! # overflow_percent = 90          # pool load (capacity-weighted) that overflows
+//! # overload = "least-loaded"      # all above high water: least loaded takes it, or "reject" (503)
+//!
+//! # Content rules, first match wins (all conditions of a rule must hold).
+//! # [[rules]]
+//! # pool = "conference"
+//! # method = "INVITE"
+//! # ruri_user = { prefix = "conf-" }        # or { exact = ".." }, { regex = ".." }
+//! # ruri_host = { exact = "conf.example.com" }
+//! # header = { name = "X-Tenant", regex = "^acme" }
 //!
 //! [limits]
 //! max_header_bytes = 32768
@@ -66,7 +91,11 @@ use std::time::Duration;
 use encap_proto::frame::{Transport, DEFAULT_MAX_BODY, HARD_MAX_BODY};
 use serde::{Deserialize, Serialize};
 
-use crate::core::router::{BadTagPolicy, RouterConfig};
+use crate::core::router::{BadTagPolicy, FailoverPolicy, RouterConfig};
+use crate::core::rules::RuleSpec;
+use crate::core::select::{
+    PoolSpec, Selection, DEFAULT_CAPACITY, DEFAULT_POOL, DEFAULT_TRAFFIC_WINDOW,
+};
 
 /// The environment variable holding the cluster secret when no
 /// `agents.secret_file` is set.
@@ -76,7 +105,7 @@ pub const SECRET_ENV: &str = "VIADUCT_SECRET";
 pub const PREVIOUS_SECRET_ENV: &str = "VIADUCT_PREVIOUS_SECRET";
 /// The secret used when none is configured: for development on one machine
 /// only. The balancer warns loudly at start when it is in use.
-pub const DEVELOPMENT_SECRET: &[u8] = b"viaduct-development-secret-do-not-deploy";
+pub use encap_proto::frame::auth::DEVELOPMENT_SECRET;
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -92,6 +121,14 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Backend pools (`[[pools]]`); agents no pool lists, and calls no rule
+    /// matches, go to `routing.default_pool`. Default: none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolSpec>,
+    /// Content rules (`[[rules]]`), checked in order, first match wins.
+    /// Default: none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleSpec>,
 }
 
 /// SIP side: where the balancer listens, and the limits on connections.
@@ -285,6 +322,19 @@ pub struct RoutingConfig {
     pub report_interval_ms: u32,
     /// Missed reports after which a backend is down. Default: 3.
     pub missed_reports_down: u32,
+    /// A tagged request whose backend is down: `"backup"` (a backup by
+    /// rendezvous hash, marked) or `"reject"` (503). Default: `"backup"`.
+    pub failover: FailoverPolicy,
+    /// The pool of calls no rule matches and of agents no pool lists; made
+    /// with default settings if no `[[pools]]` entry has the name.
+    /// Default: `"default"`.
+    pub default_pool: String,
+    /// The capacity (and weight) of a backend whose agent reports none.
+    /// Default: 1000.
+    pub default_capacity: u32,
+    /// Length of the sliding window of the least-traffic counters.
+    /// Default: 10000.
+    pub traffic_window_ms: u64,
 }
 
 impl Default for RoutingConfig {
@@ -297,6 +347,10 @@ impl Default for RoutingConfig {
             new_call_capacity: r.new_call_capacity,
             report_interval_ms: u32::try_from(r.report_interval.as_millis()).unwrap_or(u32::MAX),
             missed_reports_down: r.missed_reports_down,
+            failover: FailoverPolicy::default(),
+            default_pool: DEFAULT_POOL.to_owned(),
+            default_capacity: DEFAULT_CAPACITY,
+            traffic_window_ms: duration_ms(DEFAULT_TRAFFIC_WINDOW),
         }
     }
 }
@@ -457,9 +511,43 @@ impl Config {
         Ok(config)
     }
 
-    /// The router's settings. `table_hash_keys` must be random per process.
-    pub fn router_config(&self, table_hash_keys: (u64, u64)) -> RouterConfig {
-        RouterConfig {
+    /// Pools and rules, compiled (regexes included). Problem paths are
+    /// those of the file (`pools[1].overflow_pool`, `rules[0].ruri_user.regex`,
+    /// `routing.default_capacity`).
+    pub fn selection(&self) -> Result<Selection, ConfigError> {
+        Selection::new(
+            &self.pools,
+            &self.routing.default_pool,
+            &self.rules,
+            self.routing.default_capacity,
+            Duration::from_millis(self.routing.traffic_window_ms),
+        )
+        .map_err(|problems| ConfigError {
+            problems: problems
+                .into_iter()
+                .map(|(path, text)| {
+                    if path.starts_with("pools") || path.starts_with("rules") {
+                        (path, text)
+                    } else {
+                        (format!("routing.{path}"), text)
+                    }
+                })
+                .collect(),
+        })
+    }
+
+    /// The router's settings. `table_hash_keys` must be random per process;
+    /// the seed of the selection draws is derived from them (one way).
+    /// Fails only for a configuration [`check`](Self::check) rejects.
+    pub fn router_config(&self, table_hash_keys: (u64, u64)) -> Result<RouterConfig, ConfigError> {
+        let selection_seed = {
+            use std::hash::Hasher;
+            let mut h =
+                siphasher::sip::SipHasher24::new_with_keys(table_hash_keys.0, table_hash_keys.1);
+            h.write(b"viaduct selection seed");
+            h.finish()
+        };
+        Ok(RouterConfig {
             limits: self.limits.sip_limits(),
             bad_tag_policy: self.routing.bad_tag_policy.into(),
             accept_call_independent_tags: self.routing.accept_call_independent_tags,
@@ -469,7 +557,10 @@ impl Config {
             report_interval: Duration::from_millis(u64::from(self.routing.report_interval_ms)),
             missed_reports_down: self.routing.missed_reports_down,
             retry_after_secs: self.sip.retry_after_secs,
-        }
+            selection: self.selection()?,
+            selection_seed,
+            failover_policy: self.routing.failover,
+        })
     }
 
     /// Reads the cluster secrets: the files if set, else the environment,
@@ -666,6 +757,11 @@ impl Config {
                 );
             }
         }
+        if let Err(e) = self.selection() {
+            for (path, text) in e.problems {
+                problem(path, text);
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             problem(
                 "log.filter".to_owned(),
@@ -806,11 +902,47 @@ mod tests {
             "[routing]\nbad_tag_policy = \"reject\"\nnew_call_lifetime_ms = 1000\n[sip]\nretry_after_secs = 9\n",
         )
         .unwrap();
-        let r = c.router_config((1, 2));
+        let r = c.router_config((1, 2)).unwrap();
         assert_eq!(r.bad_tag_policy, BadTagPolicy::Reject);
         assert_eq!(r.new_call_lifetime, Duration::from_secs(1));
         assert_eq!(r.retry_after_secs, 9);
         assert_eq!(r.table_hash_keys, (1, 2));
+    }
+
+    #[test]
+    fn pools_and_rules_read_back_and_reach_the_router() {
+        let text = r#"
+            [routing]
+            default_pool = "main"
+            failover = "reject"
+            [[pools]]
+            name = "conf"
+            policy = "hash"
+            hash_key = "to-user"
+            backends = ["c1"]
+            overflow_pool = "main"
+            overflow_percent = 75
+            [[rules]]
+            pool = "conf"
+            method = "INVITE"
+            ruri_user = { prefix = "conf-" }
+        "#;
+        let c = Config::from_toml(text).unwrap();
+        assert_eq!(
+            Config::from_toml(&c.to_toml()).unwrap(),
+            c,
+            "{}",
+            c.to_toml()
+        );
+        let r = c.router_config((1, 2)).unwrap();
+        assert_eq!(r.failover_policy, FailoverPolicy::Reject);
+        let pools = r.selection.pools();
+        assert_eq!(pools.len(), 2, "conf, and the implicit main");
+        assert_eq!(pools[0].overflow, Some(1));
+        assert_eq!(pools[0].overflow_at, 0.75);
+        assert_eq!(r.selection.default_pool(), 1);
+        assert_eq!(r.selection.pools_of("c1"), [0]);
+        assert_eq!(r.selection.pools_of("anyone"), [1]);
     }
 
     #[test]

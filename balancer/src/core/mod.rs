@@ -7,7 +7,11 @@
 //! * [`router`]: the routing method of design.md §1-§4 and §8 as one state
 //!   machine (affinity tags, new-call table, response path, bad input).
 //! * [`new_calls`]: the new-call table (design.md §3).
-//! * [`hash`]: the rendezvous hash every replica computes alike.
+//! * [`select`]: choosing a backend for a new call: pools, policies
+//!   (least-loaded, weighted round robin, least-traffic, hash), thresholds
+//!   and overflow, load and traffic accounting.
+//! * [`rules`]: content rules sending a new call to a pool.
+//! * [`hash`]: the (weighted) rendezvous hash every replica computes alike.
 //! * [`reply`]: stateless responses the balancer answers itself
 //!   (RFC 3261 §8.2.6): 400/403/404/413/481/483/503/513.
 
@@ -15,3 +19,5 @@ pub mod hash;
 pub mod new_calls;
 pub mod reply;
 pub mod router;
+pub mod rules;
+pub mod select;

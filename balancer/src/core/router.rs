@@ -50,9 +50,12 @@ use encap_proto::frame::{
 use encap_proto::sip::{Limits, Rewrite, SipMessage};
 use encap_proto::tag::{TagError, TagKeys};
 
-use super::hash::rendezvous;
+use super::hash::rendezvous_weighted;
 use super::new_calls::{NewCallTable, DEFAULT_CAPACITY, DEFAULT_LIFETIME};
 use super::reply::{raw_response, stateless_response};
+use super::select::{
+    Candidate, Choice, Counts, HashInput, LoadState, Policy, PoolId, Selection, Selector, Traffic,
+};
 
 /// A connection (stream) or socket (UDP) id, chosen by the driver.
 pub type ConnId = u64;
@@ -188,6 +191,19 @@ pub enum BadTagPolicy {
     Reject,
 }
 
+/// What to do with a tagged request whose backend is down (design.md §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailoverPolicy {
+    /// Send it to a backup chosen by weighted rendezvous hash of the
+    /// Call-ID over the serving backends of the dead backend's pools,
+    /// marked with [`FAILOVER_HEADER`] (default).
+    #[default]
+    Backup,
+    /// Answer 503 with Retry-After.
+    Reject,
+}
+
 /// The router's settings.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -210,6 +226,13 @@ pub struct RouterConfig {
     pub missed_reports_down: u32,
     /// `Retry-After` of the 503 answered when no backend can take a call.
     pub retry_after_secs: u32,
+    /// Pools, content rules, policies and thresholds (see
+    /// [`select`](super::select)).
+    pub selection: Selection,
+    /// Seed of the power-of-two-choices draws; random per process.
+    pub selection_seed: u64,
+    /// Tagged requests for a backend that is down: backup or 503.
+    pub failover_policy: FailoverPolicy,
 }
 
 impl Default for RouterConfig {
@@ -224,6 +247,9 @@ impl Default for RouterConfig {
             report_interval: Duration::from_millis(500),
             missed_reports_down: 3,
             retry_after_secs: 5,
+            selection: Selection::default(),
+            selection_seed: 0x5eed_0003,
+            failover_policy: FailoverPolicy::default(),
         }
     }
 }
@@ -278,6 +304,12 @@ pub struct Counters {
     pub unknown_frames: u64,
     /// Load reports received out of order or repeated (ignored).
     pub stale_reports: u64,
+    /// New calls placed in a pool other than the one the rules named
+    /// (overflow).
+    pub overflowed: u64,
+    /// New calls answered 503 because every candidate was above its
+    /// high-water mark and the pool's overload policy is `reject`.
+    pub rejected_overload: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -286,7 +318,38 @@ struct Backend {
     up: bool,
     drain: DrainState,
     last_heard: Instant,
-    load: LoadReport,
+    load: LoadState,
+    traffic: Traffic,
+    /// The pools it belongs to (ascending).
+    pools: Vec<PoolId>,
+}
+
+/// A backend as the router sees it, as plain data (for metrics and the
+/// admin API).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendStats {
+    /// The name its agent registered with.
+    pub name: String,
+    /// Up (linked and reporting).
+    pub up: bool,
+    /// Its drain state.
+    pub drain: DrainState,
+    /// The last accepted load report.
+    pub report: LoadReport,
+    /// New calls placed on it since that report.
+    pub assigned_since_report: u32,
+    /// Its capacity weight (reported, else the default capacity).
+    pub capacity: u32,
+    /// Its load, a fraction of capacity (see [`select`](super::select)).
+    pub load: f64,
+    /// The whole link's traffic over the window (see [`Traffic`]).
+    pub link_traffic: Counts,
+    /// This balancer's own traffic with it over the window.
+    pub own_traffic: Counts,
+    /// This balancer's own traffic with it since first seen.
+    pub total_traffic: Counts,
+    /// The names of its pools.
+    pub pools: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -310,7 +373,9 @@ pub struct Router {
     /// Our own SIP addresses: a message is never sent to one of them.
     local_addrs: Vec<SocketAddr>,
     new_calls: NewCallTable,
-    round_robin: usize,
+    selector: Selector,
+    /// Per pool, its known members (up or not), sorted.
+    pool_members: Vec<Vec<BackendId>>,
     actions: VecDeque<Action>,
     counters: Counters,
 }
@@ -360,6 +425,8 @@ impl Router {
             config.new_call_capacity,
             config.table_hash_keys,
         );
+        let selector = Selector::new(config.selection.clone(), config.selection_seed);
+        let pool_members = vec![Vec::new(); config.selection.pools().len()];
         Router {
             config,
             keys,
@@ -369,7 +436,8 @@ impl Router {
             by_remote: HashMap::new(),
             local_addrs: Vec::new(),
             new_calls,
-            round_robin: 0,
+            selector,
+            pool_members,
             actions: VecDeque::new(),
             counters: Counters::default(),
         }
@@ -494,8 +562,28 @@ impl Router {
 
     // --------------------------------------------------------------- backends
 
-    /// A backend's agent authenticated and was welcomed.
+    /// A backend's agent authenticated and was welcomed. It joins the pools
+    /// that list its name, else the default pool. A backend seen before
+    /// keeps its traffic counters; its load starts afresh.
     pub fn backend_up(&mut self, now: Instant, backend: BackendId, name: &str) {
+        let pools = self.config.selection.pools_of(name);
+        let traffic = match self.backends.remove(&backend) {
+            Some(mut old) => {
+                old.traffic.relink();
+                old.traffic
+            }
+            None => Traffic::new(self.config.selection.traffic_window),
+        };
+        for (p, members) in self.pool_members.iter_mut().enumerate() {
+            let listed = pools.contains(&p);
+            match (members.binary_search(&backend), listed) {
+                (Err(at), true) => members.insert(at, backend),
+                (Ok(at), false) => {
+                    members.remove(at);
+                }
+                _ => {}
+            }
+        }
         self.backends.insert(
             backend,
             Backend {
@@ -503,7 +591,9 @@ impl Router {
                 up: true,
                 drain: DrainState::Serving,
                 last_heard: now,
-                load: LoadReport::default(),
+                load: LoadState::default(),
+                traffic,
+                pools,
             },
         );
         self.set_live(backend, true);
@@ -528,6 +618,42 @@ impl Router {
         self.backends.get(&backend).map(|b| b.name.as_str())
     }
 
+    /// Every known backend's id, ascending.
+    pub fn backend_ids(&self) -> Vec<BackendId> {
+        let mut ids: Vec<BackendId> = self.backends.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// A backend's state, load and traffic at `now`.
+    pub fn backend_stats(&self, now: Instant, backend: BackendId) -> Option<BackendStats> {
+        let b = self.backends.get(&backend)?;
+        let default_capacity = self.config.selection.default_capacity;
+        let pools = self.config.selection.pools();
+        Some(BackendStats {
+            name: b.name.clone(),
+            up: b.up,
+            drain: b.drain,
+            report: *b.load.report(),
+            assigned_since_report: b.load.assigned_since_report(),
+            capacity: b.load.capacity(default_capacity),
+            load: b.load.load(default_capacity),
+            link_traffic: b.traffic.link(now),
+            own_traffic: b.traffic.own(now),
+            total_traffic: b.traffic.total(),
+            pools: b
+                .pools
+                .iter()
+                .filter_map(|&p| pools.get(p).map(|p| p.name.clone()))
+                .collect(),
+        })
+    }
+
+    /// The selection settings in force.
+    pub fn selection(&self) -> &Selection {
+        self.selector.selection()
+    }
+
     fn set_live(&mut self, backend: BackendId, up: bool) {
         match (self.live.binary_search(&backend), up) {
             (Err(at), true) => self.live.insert(at, backend),
@@ -546,13 +672,16 @@ impl Router {
         };
         b.last_heard = now;
         match frame {
-            Frame::SipFromBackend(sip) => self.send_from_backend(now, backend, sip),
+            Frame::SipFromBackend(sip) => {
+                b.traffic.from_backend(now, sip.message.len());
+                self.send_from_backend(now, backend, sip);
+            }
             Frame::Load(report) => {
-                if report.seq != 0 && report.seq <= b.load.seq {
+                if b.load.accept(&report) {
+                    b.traffic.on_report(now, &report);
+                } else {
                     // Duplicated or reordered: the newer report already counted.
                     self.counters.stale_reports += 1;
-                } else {
-                    b.load = report;
                 }
                 if !b.up {
                     b.up = true;
@@ -713,12 +842,12 @@ impl Router {
         if msg.is_request() {
             self.counters.requests_in += 1;
             match self.route_request(now, &msg) {
-                Ok(route) => self.forward_request(arrival_unix_us, from, &msg, route),
+                Ok(route) => self.forward_request(now, arrival_unix_us, from, &msg, route),
                 Err(refusal) => self.refuse(from, &msg, refusal),
             }
         } else {
             self.counters.responses_in += 1;
-            self.route_response(arrival_unix_us, from, msg);
+            self.route_response(now, arrival_unix_us, from, msg);
         }
     }
 
@@ -877,19 +1006,7 @@ impl Router {
                         self.counters.routed_by_tag += 1;
                         return Ok(Route::Tagged(t.backend));
                     }
-                    Some(_) => {
-                        return match rendezvous(call_id, &self.live) {
-                            Some(backup) => {
-                                self.counters.failovers += 1;
-                                Ok(Route::Failover(backup))
-                            }
-                            None => Err(Refusal {
-                                status: 503,
-                                reason: "Service Unavailable",
-                                detail: "the call's backend is down and no other is up".to_owned(),
-                            }),
-                        };
-                    }
+                    Some(_) => return self.failover(call_id, t.backend),
                     None => {
                         self.counters.unknown_backend_tags += 1;
                         if self.config.bad_tag_policy == BadTagPolicy::Reject {
@@ -921,10 +1038,7 @@ impl Router {
                 self.counters.routed_by_table += 1;
                 return Ok(Route::Table(b));
             }
-            if let Some(backup) = rendezvous(call_id, &self.live) {
-                self.counters.failovers += 1;
-                return Ok(Route::Failover(backup));
-            }
+            return self.failover(call_id, b);
         }
         if is_ack {
             return Err(Refusal {
@@ -940,10 +1054,16 @@ impl Router {
                 detail: "CANCEL matches no new call".to_owned(),
             });
         }
+        let pool = self.selector.selection().pool_for(msg);
         if msg.to_tag().is_some() {
             // In-dialog but untagged: no memory of it; the stateless hash
-            // agrees across replicas and restarts.
-            return match rendezvous(call_id, &self.live) {
+            // agrees across replicas and restarts. Draining backends keep
+            // their dialogs, so they are candidates too.
+            let mut candidates = self.members(pool, false);
+            if candidates.is_empty() {
+                candidates = self.everyone(false);
+            }
+            return match rendezvous_weighted(call_id, candidates) {
                 Some(b) => {
                     self.counters.routed_by_hash += 1;
                     Ok(Route::Hashed(b))
@@ -955,60 +1075,178 @@ impl Router {
                 }),
             };
         }
-        let Some(chosen) = self.select() else {
-            return Err(Refusal {
-                status: 503,
-                reason: "Service Unavailable",
-                detail: "no backend can take a new call".to_owned(),
-            });
+        let chosen = match self.choose(now, pool, msg, call_id) {
+            Choice::Backend { backend, pool: p } => {
+                if p != pool {
+                    self.counters.overflowed += 1;
+                }
+                backend
+            }
+            Choice::Overloaded => {
+                self.counters.rejected_overload += 1;
+                let name = &self.selector.selection().pools()[pool].name;
+                return Err(Refusal {
+                    status: 503,
+                    reason: "Service Unavailable",
+                    detail: format!("every backend of pool {name} is above its high-water load"),
+                });
+            }
+            Choice::NoBackend => {
+                return Err(Refusal {
+                    status: 503,
+                    reason: "Service Unavailable",
+                    detail: "no backend can take a new call".to_owned(),
+                })
+            }
         };
-        match self.new_calls.insert(now, key, chosen) {
+        let route = match self.new_calls.insert(now, key, chosen) {
             Ok(()) => {
                 self.counters.routed_by_selection += 1;
-                Ok(Route::Selected(chosen))
+                Route::Selected(chosen)
             }
             Err(_) => {
                 // Table full: fall back to the stateless hash, which every
-                // repeat of this call computes the same way.
-                let b = rendezvous(call_id, &self.serving()).unwrap_or(chosen);
+                // repeat of this call (and every replica) computes the
+                // same way: over the serving members of the rules' pool,
+                // else of the first pool of its overflow chain that has any.
+                let b = self.hash_fallback(call_id, pool).unwrap_or(chosen);
                 self.counters.routed_by_hash += 1;
-                Ok(Route::Hashed(b))
+                Route::Hashed(b)
             }
+        };
+        if let Some(b) = self.backends.get_mut(&route.backend()) {
+            b.load.assign();
+        }
+        Ok(route)
+    }
+
+    /// A tagged request (or a new call's repeat) whose backend is down:
+    /// a backup by weighted rendezvous hash of the Call-ID over the serving
+    /// members of the dead backend's pools (else over every serving
+    /// backend), or 503 by policy.
+    fn failover(&mut self, call_id: &[u8], dead: BackendId) -> Result<Route, Refusal> {
+        if self.config.failover_policy == FailoverPolicy::Reject {
+            return Err(Refusal {
+                status: 503,
+                reason: "Service Unavailable",
+                detail: "the call's backend is down".to_owned(),
+            });
+        }
+        match self.backup(call_id, dead) {
+            Some(backup) => {
+                self.counters.failovers += 1;
+                Ok(Route::Failover(backup))
+            }
+            None => Err(Refusal {
+                status: 503,
+                reason: "Service Unavailable",
+                detail: "the call's backend is down and no other is up".to_owned(),
+            }),
         }
     }
 
-    fn serving(&self) -> Vec<BackendId> {
-        self.live
+    /// The failover backup of a call whose backend `dead` is down. Every
+    /// replica with the same backends up, draining states and capacities
+    /// picks the same one.
+    pub fn backup(&self, call_id: &[u8], dead: BackendId) -> Option<BackendId> {
+        let mut candidates: Vec<(BackendId, u32)> = Vec::new();
+        if let Some(b) = self.backends.get(&dead) {
+            for &p in &b.pools {
+                for c in self.members(p, true) {
+                    if c.0 != dead && !candidates.contains(&c) {
+                        candidates.push(c);
+                    }
+                }
+            }
+        }
+        if candidates.is_empty() {
+            candidates = self.everyone(true);
+        }
+        rendezvous_weighted(call_id, candidates)
+    }
+
+    /// Where the stateless hash places a new call when the new-call table
+    /// is full (see `route_request`).
+    pub fn hash_fallback(&self, call_id: &[u8], pool: PoolId) -> Option<BackendId> {
+        self.selector
+            .selection()
+            .chain(pool)
             .iter()
-            .copied()
-            .filter(|id| {
-                self.backends
-                    .get(id)
-                    .is_some_and(|b| b.drain == DrainState::Serving)
+            .map(|&p| self.members(p, true))
+            .find(|m| !m.is_empty())
+            .and_then(|m| rendezvous_weighted(call_id, m))
+    }
+
+    fn weight(&self, b: &Backend) -> u32 {
+        b.load.capacity(self.config.selection.default_capacity)
+    }
+
+    /// The up members of `pool` (only the serving ones if `serving`), with
+    /// their capacity weights.
+    fn members(&self, pool: PoolId, serving: bool) -> Vec<(BackendId, u32)> {
+        self.pool_members
+            .get(pool)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| {
+                let b = self.backends.get(id)?;
+                let ok = b.up && (!serving || b.drain == DrainState::Serving);
+                ok.then(|| (*id, self.weight(b)))
             })
             .collect()
     }
 
-    /// Chooses a backend for a new call: round robin over live backends
-    /// that are not draining.
-    fn select(&mut self) -> Option<BackendId> {
-        let n = self.live.len();
-        for i in 0..n {
-            let id = self.live[(self.round_robin + i) % n];
-            if self
-                .backends
-                .get(&id)
-                .is_some_and(|b| b.drain == DrainState::Serving)
-            {
-                self.round_robin = (self.round_robin + i + 1) % n;
-                return Some(id);
+    /// Every up backend (only the serving ones if `serving`), weighted.
+    fn everyone(&self, serving: bool) -> Vec<(BackendId, u32)> {
+        self.live
+            .iter()
+            .filter_map(|id| {
+                let b = self.backends.get(id)?;
+                let ok = !serving || b.drain == DrainState::Serving;
+                ok.then(|| (*id, self.weight(b)))
+            })
+            .collect()
+    }
+
+    /// Runs the pool's policy (see [`select`](super::select)) over its up,
+    /// serving members.
+    fn choose(&mut self, now: Instant, pool: PoolId, msg: &SipMessage, call_id: &[u8]) -> Choice {
+        let Router {
+            selector,
+            backends,
+            pool_members,
+            config,
+            ..
+        } = self;
+        let default_capacity = config.selection.default_capacity;
+        let input = HashInput::request(call_id, msg);
+        selector.choose(pool, &input, |p, pool_cfg, out| {
+            for id in pool_members.get(p).into_iter().flatten() {
+                let Some(b) = backends.get(id) else { continue };
+                if !b.up || b.drain != DrainState::Serving {
+                    continue;
+                }
+                let traffic = if pool_cfg.policy == Policy::LeastTraffic {
+                    // Counts fit an f64 well enough to compare.
+                    #[allow(clippy::cast_precision_loss)]
+                    let t = b.traffic.link(now).metric(pool_cfg.traffic_metric) as f64;
+                    t
+                } else {
+                    0.0
+                };
+                out.push(Candidate {
+                    id: *id,
+                    weight: b.load.capacity(default_capacity),
+                    load: b.load.load(default_capacity),
+                    traffic,
+                });
             }
-        }
-        None
+        })
     }
 
     fn forward_request(
         &mut self,
+        now: Instant,
         arrival_unix_us: u64,
         from: Peer,
         msg: &SipMessage,
@@ -1059,6 +1297,9 @@ impl Router {
         }
         let message = rw.finish();
         self.counters.to_backends += 1;
+        if let Some(b) = self.backends.get_mut(&backend) {
+            b.traffic.to_backend(now, message.len());
+        }
         self.actions.push_back(Action::ToBackend {
             backend,
             frame: Frame::SipToBackend(SipToBackend {
@@ -1075,7 +1316,7 @@ impl Router {
 
     /// A response from a peer answers a request a backend originated: the
     /// top Via is the agent's, its branch carries the tag (design.md §2).
-    fn route_response(&mut self, arrival_unix_us: u64, from: Peer, msg: SipMessage) {
+    fn route_response(&mut self, now: Instant, arrival_unix_us: u64, from: Peer, msg: SipMessage) {
         let target = msg
             .top_via()
             .and_then(|v| v.branch)
@@ -1099,6 +1340,9 @@ impl Router {
             }
         };
         self.counters.to_backends += 1;
+        if let Some(b) = self.backends.get_mut(&backend) {
+            b.traffic.to_backend(now, msg.bytes().len());
+        }
         self.actions.push_back(Action::ToBackend {
             backend,
             frame: Frame::SipToBackend(SipToBackend {

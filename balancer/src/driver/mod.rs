@@ -115,7 +115,7 @@ impl Balancer {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let config = &self.config;
         let router = Router::new(
-            config.router_config(rand::random()),
+            config.router_config(rand::random())?,
             self.secrets.tag_keys(),
         );
         let mut public = Vec::new();
