@@ -768,3 +768,92 @@ fn a_handshake_frame_after_the_handshake_closes_the_link() {
     assert!(close.reason.contains("AUTH"));
     assert!(!lab.router.is_up(1));
 }
+
+/// What the router does with each RFC 4475 invalid message arriving over
+/// UDP (conformance/corpus/rfc4475/README.md gives the RFC's expectation).
+/// `None`: the datagram does not even frame (it never reaches the router).
+const RFC4475_INVALID: &[(&str, Option<Outcome>)] = &[
+    ("badaspec", Some(Outcome::Answer(400))),
+    ("baddate", Some(Outcome::Forwarded)), // a Date the balancer never reads
+    ("baddn", None),                       // no empty line ends its headers
+    ("badinv01", Some(Outcome::Answer(400))),
+    ("badvers", Some(Outcome::Answer(505))),
+    ("bigcode", Some(Outcome::Dropped)), // a response: dropped
+    ("clerr", None),                     // Content-Length beyond the datagram
+    ("escruri", Some(Outcome::Answer(400))),
+    ("insuf", Some(Outcome::Answer(400))),
+    ("ltgtruri", Some(Outcome::Answer(400))),
+    ("lwsruri", Some(Outcome::Answer(400))),
+    ("lwsstart", Some(Outcome::Answer(400))),
+    ("mcl01", None), // two Content-Length values
+    ("mismatch01", Some(Outcome::Answer(400))),
+    ("mismatch02", Some(Outcome::Answer(400))),
+    ("multi01", Some(Outcome::Answer(400))),
+    ("ncl", None), // negative Content-Length
+    ("quotbal", Some(Outcome::Answer(400))),
+    ("regbadct", Some(Outcome::Answer(400))),
+    ("scalar02", Some(Outcome::Answer(400))),
+    ("scalarlg", Some(Outcome::Dropped)), // a response: dropped
+    ("trws", Some(Outcome::Answer(400))),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Answer(u16),
+    Dropped,
+    Forwarded,
+}
+
+#[test]
+fn rfc4475_invalid_messages_get_the_expected_answer() {
+    use encap_proto::sip::{frame_datagram, Framed, Limits};
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../conformance/corpus/rfc4475/invalid"
+    );
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .file_stem()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    files.sort();
+    let listed: Vec<&str> = RFC4475_INVALID.iter().map(|(f, _)| *f).collect();
+    assert_eq!(files, listed, "every invalid message has an expectation");
+    for (file, expected) in RFC4475_INVALID {
+        let bytes = Bytes::from(std::fs::read(format!("{dir}/{file}.sip")).unwrap());
+        let framed = frame_datagram(bytes, &Limits::default());
+        let Some(expected) = expected else {
+            assert!(framed.is_err(), "{file} frames, expected a framing error");
+            continue;
+        };
+        let Ok(Framed::Message(message)) = framed else {
+            panic!("{file} does not frame: {framed:?}")
+        };
+        let mut lab = lab(&[1]);
+        lab.router
+            .handle_sip(lab.at(0), 0, udp_from("192.0.2.9:5060"), message);
+        let actions = lab.actions();
+        let got = actions
+            .iter()
+            .find_map(|a| match a {
+                // The answer copies the request's Via, malformed or not: read
+                // the status from the start line only.
+                Action::ToPeer { message, .. } => Some(Outcome::Answer(
+                    std::str::from_utf8(&message[8..11])
+                        .unwrap()
+                        .parse()
+                        .unwrap(),
+                )),
+                Action::ToBackend { .. } => Some(Outcome::Forwarded),
+                _ => None,
+            })
+            .unwrap_or(Outcome::Dropped);
+        assert_eq!(got, *expected, "{file}: {actions:?}");
+    }
+}

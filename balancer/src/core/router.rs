@@ -47,7 +47,7 @@ use bytes::Bytes;
 use encap_proto::frame::{
     Close, Code, DrainState, Frame, LoadReport, SipFromBackend, SipToBackend, Transport,
 };
-use encap_proto::sip::{Limits, Rewrite, SipMessage};
+use encap_proto::sip::{Limits, Rewrite, SipMessage, StartLine};
 use encap_proto::tag::{TagError, TagKeys};
 
 use super::hash::rendezvous_weighted;
@@ -978,6 +978,34 @@ impl Router {
         }
         if !cseq.method.eq_ignore_ascii_case(method) {
             return Err(bad("CSeq method does not match the request method"));
+        }
+        if let StartLine::Request { version, .. } = msg.start_line() {
+            if !version.eq_ignore_ascii_case(b"SIP/2.0") {
+                return Err(Refusal {
+                    status: 505,
+                    reason: "Version Not Supported",
+                    detail: format!(
+                        "SIP version {} is not supported",
+                        String::from_utf8_lossy(version)
+                    ),
+                });
+            }
+        }
+        if msg.request_uri().is_some_and(|u| u.headers.is_some()) {
+            // RFC 4475 §3.1.2.11: escaped headers in a Request-URI.
+            return Err(bad("Request-URI carries headers (?...)"));
+        }
+        if msg.to_tag().is_none() {
+            // A new call: the full syntax of From, To, Contact and Route is
+            // checked once here (RFC 4475 §3.1.2.6, .13, .14); in-dialog
+            // requests take the fast path.
+            if let Err(e) = msg.validate() {
+                return Err(Refusal {
+                    status: 400,
+                    reason: "Bad Request",
+                    detail: e.to_string(),
+                });
+            }
         }
         if msg.max_forwards() == Some(0) {
             return Err(Refusal {
