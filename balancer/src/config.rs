@@ -65,6 +65,19 @@
 //! # overflow_percent = 90          # pool load (capacity-weighted) that overflows
 //! # overload = "least-loaded"      # all above high water: least loaded takes it, or "reject" (503)
 //!
+//! # Plain SIP backends (design.md §7): the balancer is their stateless proxy.
+//! # [[pools]]
+//! # name = "pbx"
+//! # mode = "sip"                   # default "agent"
+//! # members = [{ address = "10.0.0.7:5060", transport = "udp", weight = 1, name = "pbx-1" }]
+//! #                                # transport "udp" (default) or "tcp"; weight 1;
+//! #                                # name "<transport>:<address>"; id = hash of the name
+//! # probe_interval_ms = 5000       # SIP OPTIONS probes; 0: none (always up)
+//! # probe_failures_down = 3        # consecutive failed probes: down
+//! # probe_successes_up = 2         # consecutive answered probes: up again
+//! # probe_accept = [200]           # final codes that count as an answer
+//! # (policy "least-loaded" counts traffic instead: plain backends report no load)
+//!
 //! # Content rules, first match wins (all conditions of a rule must hold).
 //! # [[rules]]
 //! # pool = "conference"
@@ -80,6 +93,11 @@
 //!
 //! [log]
 //! filter = "info"                  # tracing filter; $VIADUCT_LOG wins; SIGHUP reloads
+//!
+//! [admin]                          # GET /metrics (Prometheus) and the JSON API under /api
+//! enabled = true
+//! listen = "127.0.0.1:5080"
+//! # token_file = "/etc/viaduct/admin-token"  # else $VIADUCT_ADMIN_TOKEN; required off loopback
 //! ```
 
 use std::collections::BTreeMap;
@@ -129,6 +147,46 @@ pub struct Config {
     /// Default: none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<RuleSpec>,
+    /// The metrics endpoint and the admin API.
+    pub admin: AdminConfig,
+}
+
+/// The environment variable holding the admin API's bearer token when no
+/// `admin.token_file` is set.
+pub const ADMIN_TOKEN_ENV: &str = "VIADUCT_ADMIN_TOKEN";
+
+/// The HTTP listener serving `GET /metrics` (Prometheus) and the JSON admin
+/// API under `/api` (see [`driver::admin`](crate::driver::admin)).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve it at all. Default: true.
+    pub enabled: bool,
+    /// The address to listen on. Anything but a loopback address needs a
+    /// token. Default: `127.0.0.1:5080` (if that default address is taken,
+    /// the balancer warns and serves without it; an address set here must
+    /// bind).
+    pub listen: SocketAddr,
+    /// A file holding the bearer token every `/api` request must carry
+    /// (`Authorization: Bearer TOKEN`; trailing whitespace ignored).
+    /// Default: none, then `$VIADUCT_ADMIN_TOKEN`, then no token (allowed
+    /// only on loopback). A relative path is relative to the config file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// The default `admin.listen`.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 5080);
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: DEFAULT_ADMIN_LISTEN,
+            token_file: None,
+        }
+    }
 }
 
 /// SIP side: where the balancer listens, and the limits on connections.
@@ -500,6 +558,7 @@ impl Config {
         for file in [
             &mut config.agents.secret_file,
             &mut config.agents.previous_secret_file,
+            &mut config.admin.token_file,
         ]
         .into_iter()
         .flatten()
@@ -612,6 +671,47 @@ impl Config {
                 development: true,
             },
         })
+    }
+
+    /// Reads the admin API's bearer token: `admin.token_file` if set, else
+    /// `$VIADUCT_ADMIN_TOKEN`, else none. Fails, naming `admin.token_file`,
+    /// when the file cannot be read or is empty, or when there is no token
+    /// and `admin.listen` is not a loopback address.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        let fail = |text: String| ConfigError {
+            problems: vec![("admin.token_file".to_owned(), text)],
+        };
+        let (raw, source) = match &self.admin.token_file {
+            Some(f) => (
+                Some(
+                    std::fs::read(f)
+                        .map_err(|e| fail(format!("cannot read {}: {e}", f.display())))?,
+                ),
+                f.display().to_string(),
+            ),
+            None => (
+                std::env::var_os(ADMIN_TOKEN_ENV).map(std::ffi::OsString::into_encoded_bytes),
+                format!("${ADMIN_TOKEN_ENV}"),
+            ),
+        };
+        let token = match raw {
+            Some(raw) => {
+                let token = String::from_utf8(raw.trim_ascii().to_vec())
+                    .map_err(|_| fail(format!("{source} is not UTF-8")))?;
+                if token.is_empty() {
+                    return Err(fail(format!("{source} is empty")));
+                }
+                Some(token)
+            }
+            None => None,
+        };
+        if self.admin.enabled && token.is_none() && !self.admin.listen.ip().is_loopback() {
+            return Err(fail(format!(
+                "admin.listen {} is not a loopback address: a token is required (set admin.token_file or ${ADMIN_TOKEN_ENV})",
+                self.admin.listen
+            )));
+        }
+        Ok(token)
     }
 
     /// The effective configuration as TOML.
@@ -757,9 +857,35 @@ impl Config {
                 );
             }
         }
+        if self.admin.enabled
+            && (self
+                .sip
+                .listen
+                .iter()
+                .any(|l| l.transport == ListenTransport::Tcp && l.address == self.admin.listen)
+                || self.admin.listen == self.agents.listen)
+        {
+            problem(
+                "admin.listen".to_owned(),
+                "same address as a SIP TCP listener or agents.listen".to_owned(),
+            );
+        }
         if let Err(e) = self.selection() {
             for (path, text) in e.problems {
                 problem(path, text);
+            }
+        }
+        for (i, pool) in self.pools.iter().enumerate() {
+            for (j, m) in pool.members.iter().enumerate() {
+                let id = hashed_backend_id(&m.name());
+                if let Some((agent, _)) = self.agents.ids.iter().find(|(_, &a)| a == id) {
+                    problem(
+                        format!("pools[{i}].members[{j}]"),
+                        format!(
+                            "its backend id {id} is also given to agent {agent:?} in agents.ids"
+                        ),
+                    );
+                }
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
@@ -803,19 +929,7 @@ fn line_of_key(text: &str, path: &str) -> Option<usize> {
 /// A stable backend id for an agent not listed in `agents.ids`: a 16-bit
 /// fold of a fixed-key SipHash of its name, never 0.
 pub fn hashed_backend_id(name: &str) -> u16 {
-    use std::hash::Hasher;
-    let mut h =
-        siphasher::sip::SipHasher24::new_with_keys(0x7669_6164_7563_7421, 0x6261_636b_656e_6421);
-    h.write(name.as_bytes());
-    let x = h.finish();
-    // Truncation is the point: fold the 64 bits into 16.
-    #[allow(clippy::cast_possible_truncation)]
-    let id = (x ^ (x >> 16) ^ (x >> 32) ^ (x >> 48)) as u16;
-    if id == 0 {
-        1
-    } else {
-        id
-    }
+    crate::core::hash::backend_id_of(name)
 }
 
 #[cfg(test)]

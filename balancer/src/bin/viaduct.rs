@@ -4,6 +4,9 @@
 //! viaduct [run] [--config FILE]       serve (defaults: SIP on UDP and TCP 127.0.0.1:5060,
 //!                                     agents on 127.0.0.1:5070)
 //! viaduct check-config FILE           check a configuration, print the effective one
+//! viaduct status [--admin URL] [--token T] [--watch [SECS]]
+//!                                     the backends' state, load and traffic, from the
+//!                                     admin API (default: admin.listen of --config)
 //! --log-format text|json              log lines as text (default) or JSON
 //! ```
 //!
@@ -18,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use balancer::config::{Config, SECRET_ENV};
+use balancer::config::{Config, ADMIN_TOKEN_ENV, SECRET_ENV};
 use balancer::driver::Balancer;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
@@ -65,6 +68,21 @@ enum Command {
         /// The file to check (or --config).
         file: Option<PathBuf>,
     },
+    /// Show the backends (state, calls, CPU, capacity, traffic) and totals
+    /// from a running balancer's admin API.
+    Status {
+        /// The admin API's base URL (`http://HOST:PORT`). Default: the
+        /// `admin.listen` of --config (or of the defaults).
+        #[arg(long)]
+        admin: Option<String>,
+        /// The bearer token. Default: $VIADUCT_ADMIN_TOKEN, else
+        /// `admin.token_file` of --config.
+        #[arg(long)]
+        token: Option<String>,
+        /// Refresh every SECS seconds (default 2) until Ctrl-C.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
+    },
 }
 
 type FilterHandle = reload::Handle<EnvFilter, Registry>;
@@ -88,6 +106,11 @@ fn main() -> ExitCode {
         .init();
     let result = match &cli.command {
         Some(Command::CheckConfig { file }) => check(file.as_ref().or(cli.config.as_ref())),
+        Some(Command::Status {
+            admin,
+            token,
+            watch,
+        }) => status::run(cli.config.as_deref(), admin.clone(), token.clone(), *watch),
         Some(Command::Run) | None => serve(cli.config.as_deref(), &filter_handle),
     };
     match result {
@@ -110,6 +133,7 @@ fn check(path: Option<&PathBuf>) -> anyhow::Result<()> {
     let path = path.context("check-config needs a file (argument or --config)")?;
     let config = load(Some(path))?;
     let secrets = config.secrets()?;
+    let _ = config.admin_token()?;
     let mut out = std::io::stdout().lock();
     out.write_all(config.to_toml().as_bytes())
         .context("writing the configuration")?;
@@ -239,6 +263,9 @@ fn reload(path: Option<&Path>, running: &mut Config, filter: &FilterHandle) {
     if new.limits != running.limits {
         restart.push("limits");
     }
+    if new.admin != running.admin {
+        restart.push("admin");
+    }
     if restart.is_empty() {
         info!("SIGHUP: configuration re-read");
     } else {
@@ -246,5 +273,186 @@ fn reload(path: Option<&Path>, running: &mut Config, filter: &FilterHandle) {
             sections = ?restart,
             "SIGHUP: these sections changed and take effect only after a restart"
         );
+    }
+}
+
+/// `viaduct status`: a table of the backends from the admin API.
+mod status {
+    use std::io::Write;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use anyhow::{bail, Context};
+    use balancer::config::Config;
+    use balancer::driver::admin::{client, BackendView, BackendsReply, Drain, NewCalls};
+
+    use super::{load, ADMIN_TOKEN_ENV};
+
+    /// One request's bound.
+    const WITHIN: Duration = Duration::from_secs(5);
+
+    pub(super) fn run(
+        config: Option<&Path>,
+        admin: Option<String>,
+        token: Option<String>,
+        watch: Option<u64>,
+    ) -> anyhow::Result<()> {
+        // The config is read only for what the flags leave out.
+        let needs_config =
+            admin.is_none() || (token.is_none() && std::env::var_os(ADMIN_TOKEN_ENV).is_none());
+        let cfg = if needs_config {
+            load(config)?
+        } else {
+            Config::default()
+        };
+        let base = admin.unwrap_or_else(|| format!("http://{}", cfg.admin.listen));
+        let token = match token {
+            Some(t) => Some(t),
+            None if needs_config => cfg.admin_token()?,
+            None => std::env::var(ADMIN_TOKEN_ENV).ok(),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the runtime")?;
+        runtime.block_on(async {
+            let Some(secs) = watch else {
+                let text = fetch(&base, token.as_deref()).await?;
+                return print(&text, false);
+            };
+            let every = Duration::from_secs(secs.max(1));
+            let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+            loop {
+                let text = match fetch(&base, token.as_deref()).await {
+                    Ok(text) => text,
+                    Err(e) => format!("{base}: {e:#}\n"),
+                };
+                print(&text, true)?;
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    _ = &mut ctrl_c => return Ok(()),
+                }
+            }
+        })
+    }
+
+    fn print(text: &str, clear: bool) -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        if clear {
+            out.write_all(b"\x1b[2J\x1b[H")?;
+        }
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+        Ok(())
+    }
+
+    async fn get(base: &str, path: &str, token: Option<&str>) -> anyhow::Result<String> {
+        let answer = client::request("GET", base, path, token, WITHIN).await?;
+        match answer.status {
+            200 => Ok(answer.body),
+            401 => bail!("{base}{path}: 401 unauthorized (give --token or ${ADMIN_TOKEN_ENV})"),
+            s => bail!("{base}{path}: HTTP {s}: {}", answer.body.trim()),
+        }
+    }
+
+    async fn fetch(base: &str, token: Option<&str>) -> anyhow::Result<String> {
+        let backends: BackendsReply =
+            serde_json::from_str(&get(base, "/api/backends", token).await?)
+                .context("/api/backends: unexpected answer")?;
+        let new_calls: NewCalls = serde_json::from_str(&get(base, "/api/new-calls", token).await?)
+            .context("/api/new-calls: unexpected answer")?;
+        Ok(render(&backends, &new_calls))
+    }
+
+    fn state(b: &BackendView) -> &'static str {
+        match (b.up, b.drain) {
+            (false, _) => "down",
+            (true, Drain::Serving) => "serving",
+            (true, Drain::Draining) => "draining",
+            (true, Drain::Drained) => "drained",
+        }
+    }
+
+    /// The table: one line per backend, then totals.
+    pub(super) fn render(r: &BackendsReply, n: &NewCalls) -> String {
+        use std::fmt::Write as _;
+        let mut rows: Vec<[String; 9]> = vec![[
+            "NAME".into(),
+            "ID".into(),
+            "STATE".into(),
+            "CALLS".into(),
+            "CPU%".into(),
+            "CAPACITY".into(),
+            "LOAD%".into(),
+            "MSGS IN".into(),
+            "MSGS OUT".into(),
+        ]];
+        let (mut calls, mut capacity, mut msgs_in, mut msgs_out, mut up) =
+            (0u64, 0u64, 0u64, 0u64, 0);
+        for b in &r.backends {
+            calls += u64::from(b.load.active_calls);
+            capacity += u64::from(b.load.capacity);
+            msgs_in += b.traffic.total.msgs_to_backend;
+            msgs_out += b.traffic.total.msgs_from_backend;
+            up += usize::from(b.up);
+            rows.push([
+                b.name.clone(),
+                b.id.to_string(),
+                state(b).into(),
+                b.load.active_calls.to_string(),
+                format!("{:.1}", f64::from(b.load.cpu_permille) / 10.0),
+                b.load.capacity.to_string(),
+                format!("{:.1}", b.load.load * 100.0),
+                b.traffic.total.msgs_to_backend.to_string(),
+                b.traffic.total.msgs_from_backend.to_string(),
+            ]);
+        }
+        rows.push([
+            format!("TOTAL ({up}/{} up)", r.backends.len()),
+            String::new(),
+            String::new(),
+            calls.to_string(),
+            String::new(),
+            capacity.to_string(),
+            String::new(),
+            msgs_in.to_string(),
+            msgs_out.to_string(),
+        ]);
+        let widths: Vec<usize> = (0..9)
+            .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .collect();
+        let mut out = String::new();
+        for (i, row) in rows.iter().enumerate() {
+            if i + 1 == rows.len() {
+                let _ = writeln!(out, "{}", "-".repeat(widths.iter().sum::<usize>() + 2 * 8));
+            }
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                // Names and states left, numbers right.
+                if c == 0 || c == 2 {
+                    let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+                } else {
+                    let _ = write!(line, "{cell:>w$}  ", w = widths[c]);
+                }
+            }
+            let _ = writeln!(out, "{}", line.trim_end());
+        }
+        let c = |k: &str| r.counters.get(k).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "\nrequests {}  responses {}  new calls {}  failovers {}  503 {}  bad tags {}",
+            c("requests_in"),
+            c("responses_in"),
+            c("routed_by_selection"),
+            c("failovers"),
+            c("rejected_503"),
+            c("bad_tags") + c("unknown_backend_tags"),
+        );
+        let _ = writeln!(
+            out,
+            "new-call table {} / {} entries  hash-placed {}",
+            n.entries, n.capacity, n.routed_by_hash
+        );
+        out
     }
 }

@@ -12,11 +12,15 @@
 //!   and overflow, load and traffic accounting.
 //! * [`rules`]: content rules sending a new call to a pool.
 //! * [`hash`]: the (weighted) rendezvous hash every replica computes alike.
+//! * [`proxy`]: the stateless proxy of plain SIP backends (design.md §7):
+//!   our Via and Record-Route, Max-Forwards, loop detection, the response
+//!   path by Via, OPTIONS probes.
 //! * [`reply`]: stateless responses the balancer answers itself
 //!   (RFC 3261 §8.2.6): 400/403/404/413/481/483/503/513.
 
 pub mod hash;
 pub mod new_calls;
+pub mod proxy;
 pub mod reply;
 pub mod router;
 pub mod rules;

@@ -52,9 +52,11 @@ use encap_proto::tag::{TagError, TagKeys};
 
 use super::hash::rendezvous_weighted;
 use super::new_calls::{NewCallTable, DEFAULT_CAPACITY, DEFAULT_LIFETIME};
+use super::proxy::{self, Side};
 use super::reply::{raw_response, stateless_response};
 use super::select::{
-    Candidate, Choice, Counts, HashInput, LoadState, Policy, PoolId, Selection, Selector, Traffic,
+    Candidate, Choice, Counts, HashInput, LoadState, PlainMember, Policy, PoolId, ProbeSettings,
+    Selection, Selector, Traffic,
 };
 
 /// A connection (stream) or socket (UDP) id, chosen by the driver.
@@ -322,6 +324,24 @@ struct Backend {
     traffic: Traffic,
     /// The pools it belongs to (ascending).
     pools: Vec<PoolId>,
+    /// A plain SIP backend (design.md §7): its address and probe state.
+    plain: Option<Box<Plain>>,
+}
+
+/// A plain SIP backend's address and OPTIONS probe state.
+#[derive(Debug, Clone)]
+struct Plain {
+    member: PlainMember,
+    probe: ProbeSettings,
+    /// The last probe sent (its sequence number), while unanswered.
+    outstanding: Option<u64>,
+    /// Probes sent so far (the next one's sequence number).
+    seq: u64,
+    /// When the next probe is due (`None`: not started).
+    next_probe: Option<Instant>,
+    /// Consecutive failed / answered probes.
+    failures: u32,
+    successes: u32,
 }
 
 /// A backend as the router sees it, as plain data (for metrics and the
@@ -378,6 +398,13 @@ pub struct Router {
     pool_members: Vec<Vec<BackendId>>,
     actions: VecDeque<Action>,
     counters: Counters,
+    /// The address to advertise (Via, Record-Route) for each of our
+    /// sockets and listeners: `(transport, bound, public)`.
+    advertised: Vec<(Transport, SocketAddr, SocketAddr)>,
+    /// Plain SIP backends by `(transport, address)`.
+    plain_by_addr: HashMap<(Transport, SocketAddr), BackendId>,
+    /// Whether [`Router::start`] registered the plain SIP backends.
+    plain_started: bool,
 }
 
 /// How a request reaches its backend.
@@ -440,6 +467,9 @@ impl Router {
             pool_members,
             actions: VecDeque::new(),
             counters: Counters::default(),
+            advertised: Vec::new(),
+            plain_by_addr: HashMap::new(),
+            plain_started: false,
         }
     }
 
@@ -469,8 +499,9 @@ impl Router {
         let backends = self
             .backends
             .values()
-            .filter(|b| b.up)
+            .filter(|b| b.up && b.plain.is_none())
             .map(|b| b.last_heard + silence)
+            .chain(self.next_probe())
             .min();
         match (self.new_calls.next_expiry(), backends) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -482,19 +513,23 @@ impl Router {
         self.config.report_interval * self.config.missed_reports_down
     }
 
-    /// Time passed: expire new-call entries, mark silent backends down.
+    /// Time passed: expire new-call entries, mark silent backends down,
+    /// probe plain SIP backends. The first call also does
+    /// [`start`](Self::start).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.start(now);
         self.new_calls.expire(now);
         let silence = self.silence_limit();
         let silent: Vec<BackendId> = self
             .backends
             .iter()
-            .filter(|(_, b)| b.up && now >= b.last_heard + silence)
+            .filter(|(_, b)| b.up && b.plain.is_none() && now >= b.last_heard + silence)
             .map(|(&id, _)| id)
             .collect();
         for id in silent {
             self.backend_down(id, "missed load reports");
         }
+        self.probe_due(now);
     }
 
     // ------------------------------------------------------------ connections
@@ -594,6 +629,7 @@ impl Router {
                 load: LoadState::default(),
                 traffic,
                 pools,
+                plain: None,
             },
         );
         self.set_live(backend, true);
@@ -841,7 +877,13 @@ impl Router {
         };
         if msg.is_request() {
             self.counters.requests_in += 1;
+            if let Some(backend) = self.plain_source(from) {
+                return self.request_from_plain(now, from, backend, &msg);
+            }
             match self.route_request(now, &msg) {
+                Ok(route) if self.is_plain(route.backend()) => {
+                    self.forward_to_plain(now, from, &msg, route);
+                }
                 Ok(route) => self.forward_request(now, arrival_unix_us, from, &msg, route),
                 Err(refusal) => self.refuse(from, &msg, refusal),
             }
@@ -1206,7 +1248,10 @@ impl Router {
     }
 
     fn weight(&self, b: &Backend) -> u32 {
-        b.load.capacity(self.config.selection.default_capacity)
+        match &b.plain {
+            Some(p) => p.member.weight,
+            None => b.load.capacity(self.config.selection.default_capacity),
+        }
     }
 
     /// The up members of `pool` (only the serving ones if `serving`), with
@@ -1262,11 +1307,20 @@ impl Router {
                 } else {
                     0.0
                 };
-                out.push(Candidate {
-                    id: *id,
-                    weight: b.load.capacity(default_capacity),
-                    load: b.load.load(default_capacity),
-                    traffic,
+                out.push(match &b.plain {
+                    // Plain backends report no load: always headroom.
+                    Some(p) => Candidate {
+                        id: *id,
+                        weight: p.member.weight,
+                        load: 0.0,
+                        traffic,
+                    },
+                    None => Candidate {
+                        id: *id,
+                        weight: b.load.capacity(default_capacity),
+                        load: b.load.load(default_capacity),
+                        traffic,
+                    },
                 });
             }
         })
@@ -1345,6 +1399,13 @@ impl Router {
     /// A response from a peer answers a request a backend originated: the
     /// top Via is the agent's, its branch carries the tag (design.md §2).
     fn route_response(&mut self, now: Instant, arrival_unix_us: u64, from: Peer, msg: SipMessage) {
+        let top_branch = msg.top_via().and_then(|v| v.branch);
+        if top_branch.is_some_and(|b| b.starts_with(proxy::PROXY_BRANCH_PREFIX)) {
+            return self.plain_response(now, from, &msg);
+        }
+        if top_branch.is_some_and(|b| b.starts_with(proxy::PROBE_BRANCH_PREFIX)) {
+            return self.probe_answer(now, from, &msg);
+        }
         let target = msg
             .top_via()
             .and_then(|v| v.branch)
@@ -1394,6 +1455,470 @@ impl Router {
     }
 }
 
+// ------------------------------------------------------ plain SIP backends
+
+/// Plain SIP backends (design.md §7): the balancer is their stateless
+/// proxy; [`proxy`] writes the messages.
+impl Router {
+    /// Registers the plain SIP members of the `mode = "sip"` pools (up,
+    /// first OPTIONS probe now) and emits a [`Event::BackendUp`] for each.
+    /// Call it once the SIP sockets are reported (`socket_opened`,
+    /// [`advertise`](Self::advertise)); [`handle_timeout`](Self::handle_timeout)
+    /// calls it on its first run. Later calls do nothing.
+    pub fn start(&mut self, now: Instant) {
+        if self.plain_started {
+            return;
+        }
+        self.plain_started = true;
+        let pools = self.config.selection.pools().to_vec();
+        for (p, pool) in pools.iter().enumerate() {
+            for m in &pool.members {
+                let id = m.id;
+                self.plain_by_addr.insert((m.transport, m.address), id);
+                if let Some(members) = self.pool_members.get_mut(p) {
+                    if let Err(at) = members.binary_search(&id) {
+                        members.insert(at, id);
+                    }
+                }
+                self.backends.insert(
+                    id,
+                    Backend {
+                        name: m.name.clone(),
+                        up: true,
+                        drain: DrainState::Serving,
+                        last_heard: now,
+                        load: LoadState::default(),
+                        traffic: Traffic::new(self.config.selection.traffic_window),
+                        pools: vec![p],
+                        plain: Some(Box::new(Plain {
+                            member: m.clone(),
+                            probe: pool.probe.clone(),
+                            outstanding: None,
+                            seq: 0,
+                            next_probe: (!pool.probe.interval.is_zero()).then_some(now),
+                            failures: 0,
+                            successes: 0,
+                        })),
+                    },
+                );
+                self.set_live(id, true);
+                self.actions
+                    .push_back(Action::Event(Event::BackendUp { backend: id }));
+            }
+        }
+        self.probe_due(now);
+    }
+
+    /// The address to write in Via and Record-Route for our socket or
+    /// listener bound at `bound` (its `public_address`); unset, the bound
+    /// address is advertised.
+    pub fn advertise(&mut self, transport: Transport, bound: SocketAddr, public: SocketAddr) {
+        self.advertised
+            .retain(|&(t, b, _)| !(t == transport && b == bound));
+        self.advertised.push((transport, bound, public));
+        for a in [bound, public] {
+            if !self.local_addrs.contains(&a) {
+                self.local_addrs.push(a);
+            }
+        }
+    }
+
+    /// Whether `backend` is a plain SIP backend.
+    pub fn is_plain(&self, backend: BackendId) -> bool {
+        self.backends
+            .get(&backend)
+            .is_some_and(|b| b.plain.is_some())
+    }
+
+    /// The plain SIP backend a message came from, if any: over UDP, from
+    /// its address; over TCP, on a connection to its address, or from its
+    /// IP address (a connection it opened).
+    fn plain_source(&self, from: Peer) -> Option<BackendId> {
+        if self.plain_by_addr.is_empty() {
+            return None;
+        }
+        if let Some(&b) = self.plain_by_addr.get(&(from.transport, from.remote)) {
+            return Some(b);
+        }
+        if from.transport.is_stream() {
+            return self
+                .plain_by_addr
+                .iter()
+                .filter(|((t, a), _)| *t == from.transport && a.ip() == from.remote.ip())
+                .map(|(_, &b)| b)
+                .min();
+        }
+        None
+    }
+
+    /// The address we advertise for `local` over `transport`.
+    fn public_of(&self, transport: Transport, local: SocketAddr) -> SocketAddr {
+        self.advertised
+            .iter()
+            .find(|&&(t, b, _)| {
+                t == transport
+                    && (b == local || (b.ip().is_unspecified() && b.port() == local.port()))
+            })
+            .map_or(local, |&(_, _, p)| p)
+    }
+
+    /// The side a message from `from` came in by.
+    fn ingress_side(&self, from: Peer) -> Side {
+        Side {
+            transport: from.transport,
+            addr: self.public_of(from.transport, from.local),
+        }
+    }
+
+    /// How to send to `to` over `transport` (on connection `named` if it is
+    /// still open to that host), and the side it leaves by.
+    fn egress_to(
+        &self,
+        transport: Transport,
+        to: SocketAddr,
+        named: Option<ConnId>,
+    ) -> Option<(Egress, Side)> {
+        if transport == Transport::Udp {
+            let egress = self.egress(named, transport, to)?;
+            let Egress::Datagram { socket, .. } = egress else {
+                return None;
+            };
+            let local = self.conns.get(&socket)?.local;
+            return Some((
+                egress,
+                Side {
+                    transport,
+                    addr: self.public_of(transport, local),
+                },
+            ));
+        }
+        // Our stream listener of the destination's address family: peers
+        // open their connections (and send responses) to it.
+        let addr = self
+            .advertised
+            .iter()
+            .find(|&&(t, b, _)| t == transport && b.is_ipv4() == to.is_ipv4())
+            .map(|&(_, _, p)| p)?;
+        let open = named.filter(|id| {
+            self.conns.get(id).is_some_and(|c| {
+                c.transport == transport && c.remote.is_some_and(|r| r.ip() == to.ip())
+            })
+        });
+        let egress = match open {
+            Some(id) => Egress::Stream(id),
+            None => self.egress(None, transport, to)?,
+        };
+        Some((egress, Side { transport, addr }))
+    }
+
+    /// Whether a Route URI names this balancer.
+    fn is_our_uri(&self, uri: &encap_proto::sip::Uri<'_>) -> bool {
+        proxy::uri_addr(uri).is_some_and(|(_, a)| self.local_addrs.contains(&a))
+    }
+
+    /// A request routed to a plain SIP backend: forwarded as a stateless
+    /// proxy (see [`proxy`]).
+    fn forward_to_plain(&mut self, now: Instant, from: Peer, msg: &SipMessage, route: Route) {
+        let backend = route.backend();
+        let Some(member) = self
+            .backends
+            .get(&backend)
+            .and_then(|b| b.plain.as_ref())
+            .map(|p| p.member.clone())
+        else {
+            return;
+        };
+        let call_id = msg.call_id().unwrap_or_default();
+        let tag = self.keys.mint(backend, call_id);
+        let failover = match route {
+            Route::Failover(_) => {
+                Some(find_request_tag(msg).map_or_else(|| b"table".to_vec(), <[u8]>::to_vec))
+            }
+            _ => None,
+        };
+        self.proxy_out(
+            now,
+            from,
+            msg,
+            backend,
+            &tag,
+            (member.transport, member.address),
+            failover.as_deref(),
+        );
+        self.counters.to_backends += 1;
+    }
+
+    /// A request from a plain SIP backend: to the next Route entry that is
+    /// not ours, else to the Request-URI.
+    fn request_from_plain(
+        &mut self,
+        now: Instant,
+        from: Peer,
+        backend: BackendId,
+        msg: &SipMessage,
+    ) {
+        let refusal = |status, reason, detail: &str| Refusal {
+            status,
+            reason,
+            detail: detail.to_owned(),
+        };
+        let Some(call_id) = msg.call_id() else {
+            return self.refuse(
+                from,
+                msg,
+                refusal(400, "Bad Request", "missing Call-ID header"),
+            );
+        };
+        if msg.top_via().is_none() {
+            return self.refuse(from, msg, refusal(400, "Bad Request", "missing Via header"));
+        }
+        if msg.max_forwards() == Some(0) {
+            return self.refuse(
+                from,
+                msg,
+                refusal(483, "Too Many Hops", "Max-Forwards is 0"),
+            );
+        }
+        let entries = proxy::route_entries(msg);
+        let own = proxy::own_routes(&entries, |u| self.is_our_uri(u));
+        let next = match entries.get(own) {
+            Some(e) => encap_proto::sip::NameAddr::parse(e).and_then(|na| proxy::uri_addr(&na.uri)),
+            None => msg.request_uri().and_then(|u| proxy::uri_addr(&u)),
+        };
+        let Some(next) = next else {
+            return self.refuse(
+                from,
+                msg,
+                refusal(
+                    502,
+                    "Bad Gateway",
+                    "next hop is not an IP address (no DNS here)",
+                ),
+            );
+        };
+        let tag = self.keys.mint(backend, call_id);
+        if self.proxy_out(now, from, msg, backend, &tag, next, None) {
+            self.counters.from_backends += 1;
+            if let Some(b) = self.backends.get_mut(&backend) {
+                b.traffic.from_backend(now, msg.bytes().len());
+            }
+        }
+    }
+
+    /// Forwards `msg` to `next` as a stateless proxy with `tag`; false if it
+    /// was refused or dropped instead.
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_out(
+        &mut self,
+        now: Instant,
+        from: Peer,
+        msg: &SipMessage,
+        backend: BackendId,
+        tag: &[u8; encap_proto::tag::TAG_LEN],
+        next: (Transport, SocketAddr),
+        failover: Option<&[u8]>,
+    ) -> bool {
+        let branch = proxy::stateless_branch(msg, tag);
+        if proxy::is_loop(msg, &branch) || self.local_addrs.contains(&next.1) {
+            self.refuse(
+                from,
+                msg,
+                Refusal {
+                    status: 482,
+                    reason: "Loop Detected",
+                    detail: "the request has been through this balancer before".to_owned(),
+                },
+            );
+            return false;
+        }
+        let Some((egress, side)) = self.egress_to(next.0, next.1, None) else {
+            self.actions.push_back(Action::Event(Event::Dropped {
+                from: Source::Peer(from.remote),
+                reason: format!("no {} socket or listener to reach {}", next.0, next.1),
+            }));
+            return false;
+        };
+        let method = msg.method().unwrap_or_default();
+        let record_route = msg.to_tag().is_none()
+            && !(method.eq_ignore_ascii_case(b"REGISTER")
+                || method.eq_ignore_ascii_case(b"ACK")
+                || method.eq_ignore_ascii_case(b"CANCEL"));
+        let own_routes = if msg.top_route().is_some() {
+            proxy::own_routes(&proxy::route_entries(msg), |u| self.is_our_uri(u))
+        } else {
+            0
+        };
+        let message = proxy::forward_request(
+            msg,
+            &proxy::Forward {
+                egress: side,
+                ingress: self.ingress_side(from),
+                tag,
+                branch: &branch,
+                conn: from.conn,
+                source: from.remote,
+                record_route,
+                own_routes,
+                failover,
+            },
+        );
+        if self.plain_source(from).is_none() {
+            if let Some(b) = self.backends.get_mut(&backend) {
+                b.traffic.to_backend(now, message.len());
+            }
+        }
+        self.actions.push_back(Action::ToPeer { egress, message });
+        true
+    }
+
+    /// A response whose top Via is ours (a stateless branch): pop it, send
+    /// per the next Via.
+    fn plain_response(&mut self, now: Instant, from: Peer, msg: &SipMessage) {
+        let call_id = msg.call_id().unwrap_or_default();
+        let tag = msg
+            .top_via()
+            .and_then(|v| v.branch)
+            .and_then(proxy::branch_tag)
+            .map(|t| self.keys.verify(t, call_id));
+        let backend = match tag {
+            Some(Ok(t)) => t.backend,
+            Some(Err(e)) => {
+                self.counters.bad_tags += 1;
+                return self.drop_response(from, format!("response Via branch: {e}"));
+            }
+            None => return self.drop_response(from, "malformed Viaduct Via branch".to_owned()),
+        };
+        let hop = match proxy::response_hop(msg) {
+            Ok(hop) => hop,
+            Err(e) => return self.drop_response(from, format!("response next hop: {e}")),
+        };
+        if self.local_addrs.contains(&hop.to) {
+            return self.drop_response(from, format!("loop: next hop {} is this balancer", hop.to));
+        }
+        if let Some(status) = msg.status() {
+            let key = self.new_calls.key(call_id);
+            if status < 200 {
+                self.new_calls.refresh(now, key);
+            } else {
+                self.new_calls.linger(now, key);
+            }
+        }
+        let Some((egress, _)) = self.egress_to(hop.transport, hop.to, hop.conn) else {
+            return self.drop_response(
+                from,
+                format!("no {} socket to reach {}", hop.transport, hop.to),
+            );
+        };
+        let message = proxy::pop_via(msg);
+        let from_backend = self.plain_source(from) == Some(backend);
+        if let Some(b) = self.backends.get_mut(&backend) {
+            if from_backend {
+                b.traffic.from_backend(now, message.len());
+            } else {
+                b.traffic.to_backend(now, message.len());
+            }
+        }
+        if from_backend {
+            self.counters.from_backends += 1;
+        } else {
+            self.counters.to_backends += 1;
+        }
+        self.actions.push_back(Action::ToPeer { egress, message });
+    }
+
+    /// The earliest probe due.
+    fn next_probe(&self) -> Option<Instant> {
+        self.backends
+            .values()
+            .filter_map(|b| b.plain.as_ref()?.next_probe)
+            .min()
+    }
+
+    /// Sends the probes due at `now`; a probe still unanswered when the
+    /// next is due failed.
+    fn probe_due(&mut self, now: Instant) {
+        let due: Vec<BackendId> = self
+            .backends
+            .iter()
+            .filter(|(_, b)| {
+                b.plain
+                    .as_ref()
+                    .and_then(|p| p.next_probe)
+                    .is_some_and(|t| now >= t)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
+            let Some(p) = self.backends.get_mut(&id).and_then(|b| b.plain.as_mut()) else {
+                continue;
+            };
+            let unanswered = p.outstanding.take().is_some();
+            p.seq += 1;
+            p.outstanding = Some(p.seq);
+            p.next_probe = Some(now + p.probe.interval);
+            let (seq, member) = (p.seq, p.member.clone());
+            if unanswered {
+                self.probe_result(id, false);
+            }
+            let target = Side {
+                transport: member.transport,
+                addr: member.address,
+            };
+            if let Some((egress, side)) = self.egress_to(member.transport, member.address, None) {
+                let message = proxy::probe_request(target, side, id, seq);
+                self.actions.push_back(Action::ToPeer { egress, message });
+            }
+        }
+    }
+
+    /// An answer to one of our OPTIONS probes.
+    fn probe_answer(&mut self, _now: Instant, from: Peer, msg: &SipMessage) {
+        let Some((id, seq)) = msg
+            .top_via()
+            .and_then(|v| v.branch)
+            .and_then(proxy::parse_probe_branch)
+        else {
+            return self.drop_response(from, "malformed probe branch".to_owned());
+        };
+        let status = msg.status().unwrap_or(0);
+        let Some(p) = self.backends.get_mut(&id).and_then(|b| b.plain.as_mut()) else {
+            return self.drop_response(from, format!("probe answer for unknown backend {id}"));
+        };
+        if p.member.address.ip() != from.remote.ip() || p.outstanding != Some(seq) {
+            return self.drop_response(from, "stale or foreign probe answer".to_owned());
+        }
+        if status < 200 {
+            return;
+        }
+        p.outstanding = None;
+        let ok = p.probe.accept.contains(&status);
+        self.probe_result(id, ok);
+    }
+
+    fn probe_result(&mut self, id: BackendId, ok: bool) {
+        let Some(b) = self.backends.get_mut(&id) else {
+            return;
+        };
+        let Some(p) = b.plain.as_mut() else { return };
+        if ok {
+            p.failures = 0;
+            p.successes = p.successes.saturating_add(1);
+            if !b.up && p.successes >= p.probe.successes_up {
+                b.up = true;
+                self.set_live(id, true);
+                self.actions
+                    .push_back(Action::Event(Event::BackendUp { backend: id }));
+            }
+        } else {
+            p.successes = 0;
+            p.failures = p.failures.saturating_add(1);
+            if b.up && p.failures >= p.probe.failures_down {
+                self.backend_down(id, "OPTIONS probes failed");
+            }
+        }
+    }
+}
+
 /// The tag of a request, in the order of design.md §2: a Request-URI
 /// parameter, then a top Route URI parameter.
 fn find_request_tag(msg: &SipMessage) -> Option<&[u8]> {
@@ -1416,4 +1941,36 @@ fn warning_value(text: &str) -> String {
         })
         .collect();
     format!("399 viaduct \"{clean}\"")
+}
+
+/// Operator actions (the admin API), kept apart from the routing code.
+impl Router {
+    /// An operator drains (`Draining`) or undrains (`Serving`) `backend`:
+    /// the router records the state at once (a draining backend takes no
+    /// new call; its dialogs still reach it by their tags) and tells the
+    /// agent with a DRAIN frame (`Action::ToBackend`). Returns false, and
+    /// does nothing, if the backend is unknown or down (no agent to tell;
+    /// a reconnecting agent announces its own state).
+    pub fn set_drain(&mut self, backend: BackendId, state: DrainState) -> bool {
+        let Some(b) = self.backends.get_mut(&backend) else {
+            return false;
+        };
+        if !b.up {
+            return false;
+        }
+        b.drain = state;
+        self.actions.push_back(Action::ToBackend {
+            backend,
+            frame: Frame::Drain(state),
+        });
+        true
+    }
+
+    /// The id of the known backend registered as `name`.
+    pub fn backend_by_name(&self, name: &str) -> Option<BackendId> {
+        self.backends
+            .iter()
+            .find(|(_, b)| b.name == name)
+            .map(|(&id, _)| id)
+    }
 }

@@ -196,6 +196,151 @@ pub struct PoolSpec {
     /// Default: `"least-loaded"`.
     #[serde(default)]
     pub overload: Overload,
+    /// `"agent"` (members are agents, listed in `backends`) or `"sip"`
+    /// (members are plain SIP servers listed in `members`; the balancer is
+    /// their stateless proxy, design.md §7). Default: `"agent"`.
+    #[serde(default, skip_serializing_if = "PoolMode::is_agent")]
+    pub mode: PoolMode,
+    /// `mode = "sip"`: the plain SIP backends. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberSpec>,
+    /// `mode = "sip"`: SIP OPTIONS probing of the members (Kamailio
+    /// dispatcher parity), every this many milliseconds; 0 disables it
+    /// (members are then always up). A probe not answered when the next is
+    /// due counts as failed. Default: 5000.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval_ms: u64,
+    /// Consecutive failed probes after which a member is down. Default: 3.
+    #[serde(default = "default_probe_failures_down")]
+    pub probe_failures_down: u32,
+    /// Consecutive answered probes after which a down member is up again.
+    /// Default: 2.
+    #[serde(default = "default_probe_successes_up")]
+    pub probe_successes_up: u32,
+    /// Final status codes of a probe answer that count as success (any
+    /// other final answer is a failure). Default: `[200]`.
+    #[serde(default = "default_probe_accept")]
+    pub probe_accept: Vec<u16>,
+}
+
+/// What a pool's members are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// Backends that embed the agent and dial in.
+    #[default]
+    Agent,
+    /// Plain SIP servers at static addresses, behind a stateless proxy.
+    Sip,
+}
+
+impl PoolMode {
+    fn is_agent(&self) -> bool {
+        *self == PoolMode::Agent
+    }
+}
+
+/// The transport to reach a plain SIP member over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberTransport {
+    /// SIP over UDP.
+    #[default]
+    Udp,
+    /// SIP over TCP.
+    Tcp,
+}
+
+impl MemberTransport {
+    /// The wire transport.
+    pub fn transport(self) -> encap_proto::frame::Transport {
+        match self {
+            MemberTransport::Udp => encap_proto::frame::Transport::Udp,
+            MemberTransport::Tcp => encap_proto::frame::Transport::Tcp,
+        }
+    }
+}
+
+/// One plain SIP backend of a `mode = "sip"` pool, as written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberSpec {
+    /// Its IP address and port, e.g. `"10.0.0.7:5060"`. Required.
+    pub address: std::net::SocketAddr,
+    /// `"udp"` or `"tcp"`. Default: `"udp"`.
+    #[serde(default)]
+    pub transport: MemberTransport,
+    /// Its weight in selection and failover (1..=1000000). Default: 1.
+    #[serde(default = "default_member_weight")]
+    pub weight: u32,
+    /// Its name (logs, admin API; its backend id is a stable hash of it).
+    /// Default: `"<transport>:<address>"`, e.g. `"udp:10.0.0.7:5060"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl MemberSpec {
+    /// Its name: as configured, else `"<transport>:<address>"`.
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let t = match self.transport {
+                MemberTransport::Udp => "udp",
+                MemberTransport::Tcp => "tcp",
+            };
+            format!("{t}:{}", self.address)
+        })
+    }
+}
+
+/// The default probe interval of a `mode = "sip"` pool.
+pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 5000;
+
+fn default_probe_interval() -> u64 {
+    DEFAULT_PROBE_INTERVAL_MS
+}
+
+fn default_probe_failures_down() -> u32 {
+    3
+}
+
+fn default_probe_successes_up() -> u32 {
+    2
+}
+
+fn default_probe_accept() -> Vec<u16> {
+    vec![200]
+}
+
+fn default_member_weight() -> u32 {
+    1
+}
+
+/// A plain SIP backend, resolved (see [`MemberSpec`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainMember {
+    /// Its backend id: a stable hash of its name.
+    pub id: BackendId,
+    /// Its name.
+    pub name: String,
+    /// Where it listens.
+    pub address: std::net::SocketAddr,
+    /// Over what.
+    pub transport: encap_proto::frame::Transport,
+    /// Its weight.
+    pub weight: u32,
+}
+
+/// OPTIONS probing settings of a `mode = "sip"` pool, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSettings {
+    /// Probe period; zero: no probing.
+    pub interval: Duration,
+    /// Consecutive failures to go down.
+    pub failures_down: u32,
+    /// Consecutive successes to come up.
+    pub successes_up: u32,
+    /// Accepted final status codes.
+    pub accept: Vec<u16>,
 }
 
 fn default_high_water() -> u32 {
@@ -219,6 +364,12 @@ impl PoolSpec {
             overflow_pool: None,
             overflow_percent: DEFAULT_OVERFLOW_PERCENT,
             overload: Overload::default(),
+            mode: PoolMode::default(),
+            members: Vec::new(),
+            probe_interval_ms: DEFAULT_PROBE_INTERVAL_MS,
+            probe_failures_down: default_probe_failures_down(),
+            probe_successes_up: default_probe_successes_up(),
+            probe_accept: default_probe_accept(),
         }
     }
 }
@@ -244,20 +395,57 @@ pub struct Pool {
     pub overflow_at: f64,
     /// Its overload policy.
     pub overload: Overload,
+    /// What its members are.
+    pub mode: PoolMode,
+    /// `mode = "sip"`: its plain SIP members (their names are also in
+    /// `backends`).
+    pub members: Vec<PlainMember>,
+    /// `mode = "sip"`: how its members are probed.
+    pub probe: ProbeSettings,
 }
 
 impl Pool {
     fn from_spec(spec: &PoolSpec, overflow: Option<PoolId>) -> Pool {
+        let members: Vec<PlainMember> = spec
+            .members
+            .iter()
+            .map(|m| {
+                let name = m.name();
+                PlainMember {
+                    id: super::hash::backend_id_of(&name),
+                    name,
+                    address: m.address,
+                    transport: m.transport.transport(),
+                    weight: m.weight.max(1),
+                }
+            })
+            .collect();
+        let mut backends = spec.backends.clone();
+        backends.extend(members.iter().map(|m| m.name.clone()));
+        // Plain backends report no load: the reported-load policy falls
+        // back to the traffic the balancer counts itself.
+        let policy = match (spec.mode, spec.policy) {
+            (PoolMode::Sip, Policy::LeastLoaded) => Policy::LeastTraffic,
+            (_, p) => p,
+        };
         Pool {
             name: spec.name.clone(),
-            policy: spec.policy,
+            policy,
             hash_key: spec.hash_key,
             traffic_metric: spec.traffic_metric,
-            backends: spec.backends.clone(),
+            backends,
             high_water: f64::from(spec.high_water_percent) / 100.0,
             overflow,
             overflow_at: f64::from(spec.overflow_percent) / 100.0,
             overload: spec.overload,
+            mode: spec.mode,
+            members,
+            probe: ProbeSettings {
+                interval: Duration::from_millis(spec.probe_interval_ms),
+                failures_down: spec.probe_failures_down,
+                successes_up: spec.probe_successes_up,
+                accept: spec.probe_accept.clone(),
+            },
         }
     }
 }
@@ -349,6 +537,7 @@ impl Selection {
                     ));
                 }
             }
+            check_members(pools, i, &mut problems);
         }
         let rules = match Rules::compile(rules, id_of) {
             Ok(r) => r,
@@ -434,6 +623,95 @@ impl Selection {
     /// `pool`, then the pools it overflows to.
     pub fn chain(&self, pool: PoolId) -> &[PoolId] {
         self.chains.get(pool).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// The checks of a pool's `mode`, `members` and `probe_*` settings.
+fn check_members(pools: &[PoolSpec], i: usize, problems: &mut Vec<(String, String)>) {
+    let p = &pools[i];
+    let path = format!("pools[{i}]");
+    match p.mode {
+        PoolMode::Agent => {
+            if !p.members.is_empty() {
+                problems.push((
+                    format!("{path}.members"),
+                    "static members need mode = \"sip\" (agents join by name, in `backends`)"
+                        .to_owned(),
+                ));
+            }
+            return;
+        }
+        PoolMode::Sip => {
+            if !p.backends.is_empty() {
+                problems.push((
+                    format!("{path}.backends"),
+                    "a mode = \"sip\" pool lists plain SIP servers in `members`, not agents"
+                        .to_owned(),
+                ));
+            }
+        }
+    }
+    for (j, m) in p.members.iter().enumerate() {
+        let mpath = format!("{path}.members[{j}]");
+        let name = m.name();
+        if name.is_empty() {
+            problems.push((format!("{mpath}.name"), "must not be empty".to_owned()));
+        }
+        if m.address.ip().is_unspecified() || m.address.port() == 0 {
+            problems.push((
+                format!("{mpath}.address"),
+                format!("{} is not an address to send to", m.address),
+            ));
+        }
+        if !(1..=1_000_000).contains(&m.weight) {
+            problems.push((
+                format!("{mpath}.weight"),
+                format!("{} is not in 1..=1000000", m.weight),
+            ));
+        }
+        let id = super::hash::backend_id_of(&name);
+        let earlier = pools[..=i]
+            .iter()
+            .enumerate()
+            .flat_map(|(k, q)| {
+                let upto = if k == i { j } else { q.members.len() };
+                q.members[..upto].iter()
+            })
+            .find(|o| {
+                o.name() == name
+                    || super::hash::backend_id_of(&o.name()) == id
+                    || (o.address == m.address && o.transport == m.transport)
+            });
+        if let Some(o) = earlier {
+            problems.push((
+                mpath.clone(),
+                format!("same name, backend id or address as member {:?}", o.name()),
+            ));
+        }
+    }
+    if p.probe_interval_ms > 0 {
+        for (field, value) in [
+            ("probe_failures_down", p.probe_failures_down),
+            ("probe_successes_up", p.probe_successes_up),
+        ] {
+            if value == 0 {
+                problems.push((format!("{path}.{field}"), "must be above 0".to_owned()));
+            }
+        }
+    }
+    if p.probe_accept.is_empty() {
+        problems.push((
+            format!("{path}.probe_accept"),
+            "at least one status code is needed".to_owned(),
+        ));
+    }
+    for (j, code) in p.probe_accept.iter().enumerate() {
+        if !(200..=699).contains(code) {
+            problems.push((
+                format!("{path}.probe_accept[{j}]"),
+                format!("{code} is not a final status code"),
+            ));
+        }
     }
 }
 

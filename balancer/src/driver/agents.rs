@@ -245,6 +245,7 @@ async fn read_frames(
                 shared.feed(|r| r.handle_frame(now, id, frame));
             }
             Ok(Some(Err(CodecError::Frame(e)))) => {
+                bump(&shared.counters.agent_frame_errors);
                 // SPEC.md §6: say what was wrong, then close.
                 warn!(backend = id, error = %e, "malformed frame from agent; closing the link");
                 shared.perform(crate::core::router::Action::CloseBackend {

@@ -16,6 +16,10 @@
 //! * [`sip`]: UDP sockets, TCP listeners, accepted and opened connections
 //!   (reader task + writer task each), connection limits and timeouts.
 //! * [`agents`]: the agent listener, the handshake, one link per backend.
+//! * [`admin`]: the `[admin]` HTTP listener (axum): `GET /metrics`
+//!   ([`metrics`] renders the router's plain counters for Prometheus) and
+//!   the JSON admin API; its handlers reach the router through a channel to
+//!   a local task.
 //!
 //! Every task feeds one input, then drains every action before it waits
 //! again. A full queue drops the message and counts it: a slow peer never
@@ -26,7 +30,9 @@
 // Drivers own the clock and the tasks: the one place they are allowed.
 #![allow(clippy::disallowed_methods)]
 
+pub mod admin;
 mod agents;
+pub mod metrics;
 mod sip;
 
 use std::cell::{Cell, RefCell};
@@ -53,6 +59,8 @@ pub struct Balancer {
     udp: Vec<UdpSocket>,
     tcp: Vec<(TcpListener, SocketAddr)>,
     agents: TcpListener,
+    /// The `[admin]` listener and its bearer token, if serving.
+    admin: Option<(TcpListener, Option<String>)>,
     config: Config,
     secrets: Secrets,
 }
@@ -80,10 +88,32 @@ impl Balancer {
         let agents = TcpListener::bind(config.agents.listen)
             .await
             .with_context(|| format!("agents.listen: cannot bind TCP {}", config.agents.listen))?;
+        let admin = if config.admin.enabled {
+            let token = config.admin_token()?;
+            match TcpListener::bind(config.admin.listen).await {
+                Ok(l) => Some((l, token)),
+                // Only the default address is let go (another balancer on
+                // this machine may hold it); an address the operator set
+                // must bind.
+                Err(e) if config.admin.listen == crate::config::DEFAULT_ADMIN_LISTEN => {
+                    warn!(address = %config.admin.listen, error = %e,
+                        "admin.listen: cannot bind the default address; serving WITHOUT metrics and admin API (set admin.listen)");
+                    None
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("admin.listen: cannot bind TCP {}", config.admin.listen)
+                    })
+                }
+            }
+        } else {
+            None
+        };
         Ok(Balancer {
             udp,
             tcp,
             agents,
+            admin,
             config: config.clone(),
             secrets,
         })
@@ -107,6 +137,11 @@ impl Balancer {
     /// The agent listener's address.
     pub fn agent_addr(&self) -> Option<SocketAddr> {
         self.agents.local_addr().ok()
+    }
+
+    /// The admin listener's address, if it serves.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` is cancelled, then flushes (bounded by
@@ -159,7 +194,16 @@ impl Balancer {
             let local = socket.local_addr().context("UDP socket address")?;
             let socket = Rc::new(socket);
             shared.udp.borrow_mut().insert(id, socket.clone());
-            shared.feed(|r| r.socket_opened(id, Transport::Udp, local));
+            let public = config
+                .sip
+                .listen
+                .iter()
+                .find(|l| l.transport == ListenTransport::Udp && l.address == local)
+                .map_or(local, crate::config::Listen::public);
+            shared.feed(|r| {
+                r.socket_opened(id, Transport::Udp, local);
+                r.advertise(Transport::Udp, local, public);
+            });
             shared
                 .tasks
                 .spawn_local(sip::serve_udp(shared.clone(), id, socket, local));
@@ -169,6 +213,7 @@ impl Balancer {
             shared.feed(|r| {
                 r.listener_opened(local);
                 r.listener_opened(public);
+                r.advertise(Transport::Tcp, local, public);
             });
             shared
                 .tasks
@@ -180,7 +225,12 @@ impl Balancer {
         shared
             .tasks
             .spawn_local(agents::serve_agents(shared.clone(), self.agents));
+        // Plain SIP backends join now that the sockets are known.
+        shared.feed(|r| r.start(Instant::now()));
         shared.tasks.spawn_local(timer(shared.clone()));
+        if let Some((listener, token)) = self.admin {
+            admin::start(&shared, listener, token, config);
+        }
 
         shutdown.cancelled().await;
         let grace = shared.settings.shutdown_grace;
@@ -237,6 +287,9 @@ struct Settings {
     /// An agent link silent this long is closed.
     agent_idle: Duration,
     public: Vec<PublicAddress>,
+    /// The new-call table's bound and entry lifetime (admin API).
+    new_call_capacity: usize,
+    new_call_lifetime_ms: u64,
 }
 
 impl Settings {
@@ -269,6 +322,8 @@ impl Settings {
             agent_idle: (report * config.routing.missed_reports_down.saturating_mul(4))
                 .max(Duration::from_secs(10)),
             public,
+            new_call_capacity: config.routing.new_call_capacity,
+            new_call_lifetime_ms: config.routing.new_call_lifetime_ms,
         }
     }
 }
@@ -290,6 +345,12 @@ struct Counters {
     agent_queue_full: Cell<u64>,
     /// Agents refused (authentication, duplicate, protocol).
     agents_refused: Cell<u64>,
+    /// Malformed frames from agents (each closes its link).
+    agent_frame_errors: Cell<u64>,
+    /// SIP streams closed because they did not frame.
+    sip_stream_framing_errors: Cell<u64>,
+    /// SIP datagrams dropped because they did not frame.
+    sip_datagram_framing_errors: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>) {

@@ -71,6 +71,7 @@ pub(super) async fn serve_udp(
                 shared.feed(|r| r.handle_oversized(peer, head));
             }
             Err(e) => {
+                bump(&shared.counters.sip_datagram_framing_errors);
                 info!(peer = %remote, transport = "UDP", error = %e, "dropped datagram that does not frame");
             }
         }
@@ -189,6 +190,7 @@ async fn read_loop(
         // RFC 3261 §18.3: a stream that cannot be framed cannot be
         // resynchronised.
         End::Unframeable(e) => {
+            bump(&shared.counters.sip_stream_framing_errors);
             warn!(peer = %peer.remote, transport = "TCP", error = %e, "closing stream that does not frame")
         }
         End::Oversized(e) => {

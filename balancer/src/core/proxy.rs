@@ -1,0 +1,465 @@
+//! The stateless proxy of plain SIP backends (design.md §7, RFC 3261
+//! §16.11): pure functions over [`SipMessage`], no state, no I/O. The
+//! [`router`](super::router) decides where a message goes; this module
+//! writes what goes on the wire.
+//!
+//! # What a forwarded request looks like
+//!
+//! ```text
+//!  INVITE sip:svc@lb SIP/2.0
+//!  Via: SIP/2.0/UDP <lb egress>;branch=z9hG4bK-vp<tag><txn><loop>;vdc=<conn>   (added, top)
+//!  Record-Route: <sip:<lb egress>;lr;vd=<tag>>                                   (added, initial requests)
+//!  Record-Route: <sip:<lb ingress>;transport=tcp;lr;vd=<tag>>                    (only if ingress ≠ egress, RFC 5658)
+//!  Max-Forwards: 69                                                              (decremented; 70 if absent)
+//!  Via: SIP/2.0/TCP client;branch=..;received=..;rport=..                        (received/rport filled)
+//!  Route: ...                                                                    (our own entries removed)
+//! ```
+//!
+//! * `<tag>` is the affinity tag (17 hex digits, MAC over backend id and
+//!   Call-ID, see [`encap_proto::tag`]): the response comes back by it.
+//! * `<txn>` (16 hex) hashes the incoming top Via's branch and sent-by
+//!   (RFC 3261 §17.2.3 transaction key), or for a pre-RFC 3261 branch the
+//!   top Via, Call-ID, From/To tags, CSeq number and Request-URI (§16.11):
+//!   a retransmission, and the CANCEL or non-2xx ACK of an INVITE (same
+//!   incoming branch), get the same branch; every other transaction a new
+//!   one.
+//! * `<loop>` (8 hex) hashes what a loop leaves unchanged (Request-URI,
+//!   Call-ID, From tag, CSeq number; not the To tag, which the ACK of a
+//!   non-2xx answer adds to its INVITE's) and the tag: a request that comes
+//!   back with a Via of ours carrying the same tag and loop hash has looped
+//!   (RFC 3261 §16.3 step 4); a spiral changes the Request-URI.
+//! * `vdc` names the connection (or UDP socket) the request came in on, so
+//!   the response goes back over it while it is open (RFC 3261 §18.2.2).
+//!
+//! A response pops our Via and goes where the next Via says: `received`
+//! (else the sent-by host, which must be an IP address: the core resolves
+//! no names), `rport` (else the sent-by port, else 5060), over the Via's
+//! transport, on the `vdc` connection if it is still open to that host.
+
+use std::hash::Hasher;
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::{Bytes, BytesMut};
+use encap_proto::frame::Transport;
+use encap_proto::sip::{NameAddr, Rewrite, SipMessage, Uri};
+use encap_proto::tag::TAG_LEN;
+use siphasher::sip::SipHasher13;
+
+use super::router::{BackendId, ConnId, TAG_PARAM};
+
+/// The branch prefix of requests the balancer forwards as a stateless
+/// proxy; the affinity tag follows it.
+pub const PROXY_BRANCH_PREFIX: &[u8] = b"z9hG4bK-vp";
+/// The branch prefix of the balancer's OPTIONS probes; the backend id
+/// (4 hex digits) and the probe's sequence number (16) follow.
+pub const PROBE_BRANCH_PREFIX: &[u8] = b"z9hG4bK-vq";
+/// The Via parameter of ours naming the inbound connection or socket.
+pub const CONN_PARAM: &str = "vdc";
+/// Max-Forwards of a request that had none (RFC 3261 §16.6 step 3).
+pub const DEFAULT_MAX_FORWARDS: u32 = 70;
+
+const TXN_HEX: usize = 16;
+const LOOP_HEX: usize = 8;
+/// The length of a stateless branch.
+pub const BRANCH_LEN: usize = PROXY_BRANCH_PREFIX.len() + TAG_LEN + TXN_HEX + LOOP_HEX;
+
+/// Fixed keys: branches must agree across restarts and replicas (a
+/// retransmission may reach another one); they carry no secret, the tag
+/// inside does.
+const BRANCH_KEYS: (u64, u64) = (0x7669_6164_7563_7462, 0x7261_6e63_6821_2121);
+const LOOP_KEYS: (u64, u64) = (0x7669_6164_7563_746c, 0x6f6f_7021_2121_2121);
+
+/// One side of the balancer: the transport and the address peers on that
+/// side reach it at (its Via sent-by, its Record-Route URI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Side {
+    /// UDP or TCP.
+    pub transport: Transport,
+    /// The advertised address.
+    pub addr: SocketAddr,
+}
+
+/// Everything [`forward_request`] adds or changes.
+#[derive(Debug, Clone, Copy)]
+pub struct Forward<'a> {
+    /// The side the request leaves by (our Via, the top Record-Route).
+    pub egress: Side,
+    /// The side it came in by (the second Record-Route, when different).
+    pub ingress: Side,
+    /// The affinity tag of the call's backend.
+    pub tag: &'a [u8; TAG_LEN],
+    /// Our branch ([`stateless_branch`]).
+    pub branch: &'a str,
+    /// The connection or socket it came in on.
+    pub conn: ConnId,
+    /// The sender's address (`received`, `rport`).
+    pub source: SocketAddr,
+    /// Whether to Record-Route (initial requests that may make a dialog).
+    pub record_route: bool,
+    /// How many leading Route entries are ours, to remove.
+    pub own_routes: usize,
+    /// Failover: the tag of the call's dead backend (`X-Viaduct-Failover`).
+    pub failover: Option<&'a [u8]>,
+}
+
+fn hex(out: &mut String, value: u64, digits: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..digits).rev() {
+        let nibble = (value >> (i * 4)) & 0xf;
+        // A nibble indexes the 16 digits.
+        #[allow(clippy::cast_possible_truncation)]
+        out.push(char::from(DIGITS[nibble as usize]));
+    }
+}
+
+fn field(h: &mut SipHasher13, bytes: &[u8]) {
+    h.write_usize(bytes.len());
+    h.write(bytes);
+}
+
+/// The stateless branch of a request forwarded with `tag` (see the module
+/// doc): retransmissions, and the CANCEL and non-2xx ACK of an INVITE, get
+/// the INVITE's branch.
+pub fn stateless_branch(msg: &SipMessage, tag: &[u8; TAG_LEN]) -> String {
+    let mut h = SipHasher13::new_with_keys(BRANCH_KEYS.0, BRANCH_KEYS.1);
+    field(&mut h, tag);
+    match msg.top_via() {
+        Some(via) if via.branch.is_some_and(|b| b.starts_with(b"z9hG4bK")) => {
+            field(&mut h, via.branch.unwrap_or_default());
+            field(&mut h, via.host);
+            h.write_u16(via.port.unwrap_or(0));
+        }
+        via => {
+            field(&mut h, via.map(|v| v.raw).unwrap_or_default());
+            field(&mut h, msg.call_id().unwrap_or_default());
+            field(&mut h, msg.from_tag().unwrap_or_default());
+            field(&mut h, msg.to_tag().unwrap_or_default());
+            h.write_u32(msg.cseq().map_or(0, |c| c.seq));
+            field(&mut h, msg.request_uri().map(|u| u.raw).unwrap_or_default());
+        }
+    }
+    let txn = h.finish();
+    let mut out = String::with_capacity(BRANCH_LEN);
+    out.push_str("z9hG4bK-vp");
+    out.extend(tag.iter().map(|&b| char::from(b)));
+    hex(&mut out, txn, TXN_HEX);
+    hex(&mut out, u64::from(loop_hash(msg, tag)), LOOP_HEX);
+    out
+}
+
+fn loop_hash(msg: &SipMessage, tag: &[u8; TAG_LEN]) -> u32 {
+    let mut h = SipHasher13::new_with_keys(LOOP_KEYS.0, LOOP_KEYS.1);
+    field(&mut h, tag);
+    field(&mut h, msg.request_uri().map(|u| u.raw).unwrap_or_default());
+    field(&mut h, msg.call_id().unwrap_or_default());
+    field(&mut h, msg.from_tag().unwrap_or_default());
+    h.write_u32(msg.cseq().map_or(0, |c| c.seq));
+    // The low half: 8 hex digits.
+    #[allow(clippy::cast_possible_truncation)]
+    let low = h.finish() as u32;
+    low
+}
+
+/// Whether `msg`, about to be forwarded with `branch`, has been through
+/// this balancer towards the same backend unchanged: a loop (RFC 3261
+/// §16.3 step 4). Costs one substring search unless it has.
+pub fn is_loop(msg: &SipMessage, branch: &str) -> bool {
+    let b = branch.as_bytes();
+    if b.len() != BRANCH_LEN {
+        return false;
+    }
+    let (head, loop_part) = (
+        &b[..PROXY_BRANCH_PREFIX.len() + TAG_LEN],
+        &b[b.len() - LOOP_HEX..],
+    );
+    if memchr::memmem::find(msg.bytes(), head).is_none() {
+        return false;
+    }
+    msg.vias().any(|v| {
+        v.branch.is_some_and(|vb| {
+            vb.len() == BRANCH_LEN
+                && vb[..head.len()].eq_ignore_ascii_case(head)
+                && vb[vb.len() - LOOP_HEX..].eq_ignore_ascii_case(loop_part)
+        })
+    })
+}
+
+/// A Record-Route (or Route) URI of ours for `side`, carrying `tag`.
+pub fn record_route_uri(side: Side, tag: &[u8]) -> String {
+    let transport = match side.transport {
+        Transport::Udp => "",
+        Transport::Tcp => ";transport=tcp",
+        Transport::Tls => ";transport=tls",
+        Transport::Sctp => ";transport=sctp",
+        Transport::Ws | Transport::Wss => ";transport=ws",
+    };
+    format!(
+        "<sip:{}{transport};lr;{TAG_PARAM}={}>",
+        side.addr,
+        String::from_utf8_lossy(tag)
+    )
+}
+
+/// Records where a request really came from in its top Via (RFC 3261
+/// §18.2.1, RFC 3581): `received` when the sent-by is not the source or
+/// `rport` was asked, `rport` filled when asked.
+pub fn mark_received(rw: &mut Rewrite<'_>, msg: &SipMessage, source: SocketAddr) {
+    let Some(via) = msg.top_via() else { return };
+    let source_ip = source.ip().to_string();
+    let host = via
+        .host
+        .strip_prefix(b"[")
+        .and_then(|h| h.strip_suffix(b"]"))
+        .unwrap_or(via.host);
+    if via.rport.is_some() || host != source_ip.as_bytes() {
+        rw.set_top_via_param("received", Some(source_ip.as_bytes()));
+    }
+    if via.rport == Some(None) {
+        rw.set_top_via_param("rport", Some(source.port().to_string().as_bytes()));
+    }
+}
+
+/// The values of every Route header, split at the commas between entries
+/// (not those inside quotes or `<>`), in order, trimmed.
+pub fn route_entries(msg: &SipMessage) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    for value in msg.headers("Route") {
+        let (mut start, mut quoted, mut angle, mut i) = (0, false, false, 0);
+        while i < value.len() {
+            match value[i] {
+                b'\\' if quoted => i += 1,
+                b'"' if !angle => quoted = !quoted,
+                b'<' if !quoted => angle = true,
+                b'>' if !quoted => angle = false,
+                b',' if !quoted && !angle => {
+                    out.push(value[start..i].trim_ascii());
+                    start = i + 1;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        out.push(value[start.min(value.len())..].trim_ascii());
+    }
+    out.retain(|e| !e.is_empty());
+    out
+}
+
+/// How many leading Route entries (at most two, RFC 5658) `is_ours` claims.
+pub fn own_routes(entries: &[&[u8]], is_ours: impl Fn(&Uri<'_>) -> bool) -> usize {
+    entries
+        .iter()
+        .take(2)
+        .take_while(|e| NameAddr::parse(e).is_some_and(|na| is_ours(&na.uri)))
+        .count()
+}
+
+/// The address a URI names, if its host is an IP address (the core
+/// resolves no names); the port defaults per scheme and transport.
+pub fn uri_addr(uri: &Uri<'_>) -> Option<(Transport, SocketAddr)> {
+    if !uri.is_sip() {
+        return None;
+    }
+    let sips = uri.scheme.eq_ignore_ascii_case(b"sips");
+    let transport = match uri.param("transport").flatten() {
+        None if sips => Transport::Tls,
+        None => Transport::Udp,
+        Some(t) => Transport::from_via_token(t)?,
+    };
+    let ip = parse_ip(uri.host)?;
+    Some((
+        transport,
+        SocketAddr::new(ip, uri.port.unwrap_or(transport.default_port())),
+    ))
+}
+
+fn parse_ip(host: &[u8]) -> Option<IpAddr> {
+    let h = host
+        .strip_prefix(b"[")
+        .and_then(|h| h.strip_suffix(b"]"))
+        .unwrap_or(host);
+    std::str::from_utf8(h).ok()?.parse().ok()
+}
+
+/// The request as forwarded (see the module doc). Viaduct's own headers
+/// from outside are removed; everything else is kept byte for byte.
+pub fn forward_request(msg: &SipMessage, f: &Forward<'_>) -> Bytes {
+    let mut rw = Rewrite::new(msg);
+    let via = format!(
+        "SIP/2.0/{} {};branch={};{CONN_PARAM}={}",
+        f.egress.transport.as_str(),
+        f.egress.addr,
+        f.branch,
+        f.conn
+    );
+    rw.insert_header("Via", via.as_bytes());
+    if f.record_route {
+        rw.insert_header("Record-Route", record_route_uri(f.egress, f.tag).as_bytes());
+        if f.ingress != f.egress {
+            rw.insert_header(
+                "Record-Route",
+                record_route_uri(f.ingress, f.tag).as_bytes(),
+            );
+        }
+    }
+    let max_forwards = msg
+        .max_forwards()
+        .map_or(DEFAULT_MAX_FORWARDS, |n| n.saturating_sub(1));
+    if msg.max_forwards().is_some() {
+        rw.remove_headers("Max-Forwards");
+    }
+    rw.insert_header("Max-Forwards", max_forwards.to_string().as_bytes());
+    if msg.has_viaduct_headers() {
+        rw.remove_headers_with_prefix("X-Viaduct-");
+    }
+    if let Some(old) = f.failover {
+        rw.insert_header(super::router::FAILOVER_HEADER, old);
+    }
+    mark_received(&mut rw, msg, f.source);
+    let remaining;
+    if f.own_routes > 0 {
+        let entries = route_entries(msg);
+        rw.remove_headers("Route");
+        if let Some(rest) = entries.get(f.own_routes..).filter(|r| !r.is_empty()) {
+            remaining = rest.join(&b", "[..]);
+            rw.insert_header("Route", &remaining);
+        }
+    }
+    rw.finish()
+}
+
+/// Where a response to a request we forwarded goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseHop {
+    /// The next Via's transport.
+    pub transport: Transport,
+    /// `received`/`rport`, else the sent-by.
+    pub to: SocketAddr,
+    /// The connection (or socket) the request came in on, from our Via.
+    pub conn: Option<ConnId>,
+}
+
+/// Where a response whose top Via is ours goes (RFC 3261 §18.2.2, RFC
+/// 3581), or why it cannot.
+pub fn response_hop(msg: &SipMessage) -> Result<ResponseHop, &'static str> {
+    let mut vias = msg.vias();
+    let ours = vias.next().ok_or("no Via")?;
+    let conn = ours
+        .param(CONN_PARAM)
+        .flatten()
+        .and_then(|c| std::str::from_utf8(c).ok()?.parse().ok());
+    let next = vias.next().ok_or("no Via below ours")?;
+    let transport = Transport::from_via_token(next.transport).ok_or("unknown Via transport")?;
+    let ip = match next.received {
+        Some(r) => parse_ip(r).ok_or("Via received is not an IP address")?,
+        None => parse_ip(next.host).ok_or("Via sent-by is a name (not resolved here)")?,
+    };
+    let port = match next.rport {
+        Some(Some(p)) => p,
+        _ => next.port.unwrap_or(transport.default_port()),
+    };
+    Ok(ResponseHop {
+        transport,
+        to: SocketAddr::new(ip, port),
+        conn,
+    })
+}
+
+/// The response without its top Via.
+pub fn pop_via(msg: &SipMessage) -> Bytes {
+    Rewrite::new(msg).remove_top_via().finish()
+}
+
+/// The affinity tag in a stateless branch of ours, if it is one.
+pub fn branch_tag(branch: &[u8]) -> Option<&[u8]> {
+    let rest = branch.strip_prefix(PROXY_BRANCH_PREFIX)?;
+    rest.get(..TAG_LEN)
+}
+
+/// The branch of probe `seq` of `backend`.
+pub fn probe_branch(backend: BackendId, seq: u64) -> String {
+    let mut out = String::with_capacity(PROBE_BRANCH_PREFIX.len() + 20);
+    out.push_str("z9hG4bK-vq");
+    hex(&mut out, u64::from(backend), 4);
+    hex(&mut out, seq, 16);
+    out
+}
+
+/// The backend and sequence number of a probe branch.
+pub fn parse_probe_branch(branch: &[u8]) -> Option<(BackendId, u64)> {
+    let rest = branch.strip_prefix(PROBE_BRANCH_PREFIX)?;
+    if rest.len() != 20 {
+        return None;
+    }
+    let num = |d: &[u8]| u64::from_str_radix(std::str::from_utf8(d).ok()?, 16).ok();
+    let backend = BackendId::try_from(num(&rest[..4])?).ok()?;
+    Some((backend, num(&rest[4..])?))
+}
+
+/// An OPTIONS probe of `backend` at `target`, sent from `via`.
+pub fn probe_request(target: Side, via: Side, backend: BackendId, seq: u64) -> Bytes {
+    let transport = match target.transport {
+        Transport::Udp => "",
+        _ => ";transport=tcp",
+    };
+    let branch = probe_branch(backend, seq);
+    let text = format!(
+        "OPTIONS sip:{target}{transport} SIP/2.0\r\n\
+         Via: SIP/2.0/{t} {via};branch={branch}\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:viaduct@{via}>;tag=vq{backend:04x}\r\n\
+         To: <sip:{target}{transport}>\r\n\
+         Call-ID: {branch}@viaduct\r\n\
+         CSeq: {cseq} OPTIONS\r\n\
+         User-Agent: viaduct\r\n\
+         Content-Length: 0\r\n\r\n",
+        target = target.addr,
+        t = via.transport.as_str(),
+        via = via.addr,
+        cseq = seq.saturating_sub(1) % 0x7fff_ffff + 1,
+    );
+    let mut b = BytesMut::with_capacity(text.len());
+    b.extend_from_slice(text.as_bytes());
+    b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(s: &str) -> SipMessage {
+        SipMessage::parse(Bytes::copy_from_slice(s.as_bytes())).unwrap()
+    }
+
+    #[test]
+    fn route_entries_split_at_top_level_commas_only() {
+        let m = msg("BYE sip:a@b SIP/2.0\r\nRoute: <sip:x;lr>, \"a,b\" <sip:y;lr>\r\nRoute: <sip:z?h=1,2>\r\nl: 0\r\n\r\n");
+        assert_eq!(
+            route_entries(&m),
+            [&b"<sip:x;lr>"[..], b"\"a,b\" <sip:y;lr>", b"<sip:z?h=1,2>"]
+        );
+    }
+
+    #[test]
+    fn probe_branches_read_back() {
+        let b = probe_branch(0xbeef, 42);
+        assert_eq!(parse_probe_branch(b.as_bytes()), Some((0xbeef, 42)));
+        assert_eq!(parse_probe_branch(b"z9hG4bK-vqzz"), None);
+    }
+
+    #[test]
+    fn uri_addresses_need_an_ip() {
+        let u = Uri::parse(b"sip:10.0.0.1:5080;transport=TCP;lr").unwrap();
+        assert_eq!(
+            uri_addr(&u),
+            Some((Transport::Tcp, "10.0.0.1:5080".parse().unwrap()))
+        );
+        let u = Uri::parse(b"sip:host.example.com").unwrap();
+        assert_eq!(uri_addr(&u), None);
+        let u = Uri::parse(b"sip:[2001:db8::1]").unwrap();
+        assert_eq!(
+            uri_addr(&u),
+            Some((Transport::Udp, "[2001:db8::1]:5060".parse().unwrap()))
+        );
+    }
+}
