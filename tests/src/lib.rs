@@ -62,6 +62,7 @@ pub struct Viaduct {
     child: Option<Child>,
     sip: SocketAddr,
     agents: SocketAddr,
+    admin: SocketAddr,
     config: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     dir: tempfile::TempDir,
@@ -74,6 +75,7 @@ impl Viaduct {
     pub fn start(ip: &str, secret: &[u8], extra: &str) -> Viaduct {
         let sip_port = free_port(ip, &[]);
         let agent_port = free_port(ip, &[sip_port]);
+        let admin_port = free_port(ip, &[sip_port, agent_port]);
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
         let write = |name: &str, bytes: &[u8]| {
             std::fs::write(dir.path().join(name), bytes)
@@ -86,7 +88,8 @@ impl Viaduct {
             format!(
                 "[[sip.listen]]\ntransport = \"udp\"\naddress = \"{ip}:{sip_port}\"\n\
                  [[sip.listen]]\ntransport = \"tcp\"\naddress = \"{ip}:{sip_port}\"\n\
-                 [agents]\nlisten = \"{ip}:{agent_port}\"\nsecret_file = \"secret\"\n{extra}\n"
+                 [agents]\nlisten = \"{ip}:{agent_port}\"\nsecret_file = \"secret\"\n\
+                 [admin]\nlisten = \"{ip}:{admin_port}\"\n{extra}\n"
             )
             .as_bytes(),
         );
@@ -147,6 +150,11 @@ impl Viaduct {
     /// The agent address.
     pub fn agents(&self) -> SocketAddr {
         self.agents
+    }
+
+    /// The admin HTTP address (metrics and API).
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
     }
 
     /// The folder holding its config and secret.
