@@ -100,6 +100,10 @@ impl Viaduct {
                 ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}")),
                 agent_port,
             ),
+            admin: SocketAddr::new(
+                ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}")),
+                admin_port,
+            ),
             config,
             log: Arc::new(Mutex::new(Vec::new())),
             dir,
