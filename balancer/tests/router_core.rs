@@ -274,6 +274,7 @@ fn after_the_linger_a_retransmitted_invite_is_a_new_call() {
     lab.heartbeat(33, &[1, 2, 3]);
     lab.router.handle_timeout(lab.at(33));
     assert_eq!(lab.router.new_call_entries(), 0);
+    assert_eq!(lab.router.counters().new_call_expired, 1);
     let selections = lab.router.counters().routed_by_selection;
     lab.routed(34, from, &invite("late", "z9hG4bK1"));
     assert_eq!(
@@ -705,6 +706,7 @@ fn when_the_table_is_full_repeats_still_agree_through_the_hash() {
     lab.routed(0, from, &invite("b", "z9hG4bK1"));
     let (first, _) = lab.routed(0, from, &invite("c", "z9hG4bK1"));
     assert_eq!(lab.router.new_call_entries(), 2, "bounded");
+    assert_eq!(lab.router.counters().table_full_fallbacks, 1);
     for _ in 0..5 {
         assert_eq!(lab.routed(1, from, &invite("c", "z9hG4bK1")).0, first);
     }

@@ -83,13 +83,19 @@ impl Viaduct {
         };
         write("secret", secret);
         let config = dir.path().join("viaduct.toml");
+        // An admin listener of its own unless the test configures one.
+        let admin = if extra.contains("[admin]") {
+            String::new()
+        } else {
+            format!("[admin]\nlisten = \"{ip}:{admin_port}\"\n")
+        };
         write(
             "viaduct.toml",
             format!(
                 "[[sip.listen]]\ntransport = \"udp\"\naddress = \"{ip}:{sip_port}\"\n\
                  [[sip.listen]]\ntransport = \"tcp\"\naddress = \"{ip}:{sip_port}\"\n\
                  [agents]\nlisten = \"{ip}:{agent_port}\"\nsecret_file = \"secret\"\n\
-                 [admin]\nlisten = \"{ip}:{admin_port}\"\n{extra}\n"
+                 {admin}{extra}\n"
             )
             .as_bytes(),
         );

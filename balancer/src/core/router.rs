@@ -273,6 +273,14 @@ pub struct Counters {
     pub routed_by_table: u64,
     /// Requests routed by selection (new calls).
     pub routed_by_selection: u64,
+    /// New calls placed by the stateless hash because the new-call table
+    /// was full (also counted in `routed_by_hash`).
+    pub table_full_fallbacks: u64,
+    /// New-call table entries that expired (design.md §3 lifetimes).
+    pub new_call_expired: u64,
+    /// New calls selected, by the pool that took them (index: pool order
+    /// of the configuration).
+    pub selections_by_pool: Vec<u64>,
     /// Requests routed by the stateless rendezvous hash (table full, or an
     /// untagged in-dialog request).
     pub routed_by_hash: u64,
@@ -518,7 +526,7 @@ impl Router {
     /// [`start`](Self::start).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.start(now);
-        self.new_calls.expire(now);
+        self.counters.new_call_expired += self.new_calls.expire(now) as u64;
         let silence = self.silence_limit();
         let silent: Vec<BackendId> = self
             .backends
@@ -1150,6 +1158,11 @@ impl Router {
                 if p != pool {
                     self.counters.overflowed += 1;
                 }
+                let by_pool = &mut self.counters.selections_by_pool;
+                if by_pool.len() <= p {
+                    by_pool.resize(p + 1, 0);
+                }
+                by_pool[p] += 1;
                 backend
             }
             Choice::Overloaded => {
@@ -1181,6 +1194,7 @@ impl Router {
                 // else of the first pool of its overflow chain that has any.
                 let b = self.hash_fallback(call_id, pool).unwrap_or(chosen);
                 self.counters.routed_by_hash += 1;
+                self.counters.table_full_fallbacks += 1;
                 Route::Hashed(b)
             }
         };

@@ -291,6 +291,8 @@ fn counters_map(c: &Counters, d: &DriverCounters) -> BTreeMap<String, u64> {
         ("routed_by_table", c.routed_by_table),
         ("routed_by_selection", c.routed_by_selection),
         ("routed_by_hash", c.routed_by_hash),
+        ("table_full_fallbacks", c.table_full_fallbacks),
+        ("new_call_expired", c.new_call_expired),
         ("failovers", c.failovers),
         ("bad_tags", c.bad_tags),
         ("unknown_backend_tags", c.unknown_backend_tags),

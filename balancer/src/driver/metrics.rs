@@ -40,6 +40,9 @@ pub const FAMILIES: &[&str] = &[
     "viaduct_agents_connected",
     "viaduct_new_call_table_entries",
     "viaduct_new_call_table_capacity",
+    "viaduct_new_call_table_fallbacks_total",
+    "viaduct_new_call_table_expired_total",
+    "viaduct_selections_total",
     "viaduct_pool_serving_backends",
     "viaduct_backend_messages_total",
     "viaduct_backend_bytes_total",
@@ -230,6 +233,33 @@ pub fn render(s: &Snapshot) -> String {
         "new_call_table_capacity",
         "The new-call table's bound; when full, new calls are placed by the stateless hash (routed_total{route=\"hash\"}).",
         s.new_calls.capacity,
+    );
+    b.counter(
+        "new_call_table_fallbacks",
+        "New calls placed by the stateless rendezvous hash because the new-call table was full.",
+        s.counters.table_full_fallbacks,
+    );
+    b.counter(
+        "new_call_table_expired",
+        "New-call table entries that reached the end of their lifetime.",
+        s.counters.new_call_expired,
+    );
+    b.counters(
+        "selections",
+        "New calls selected, by the pool that took them and its policy.",
+        s.pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                (
+                    PoolLabels {
+                        pool: p.name.clone(),
+                        policy: p.policy.clone(),
+                    },
+                    s.counters.selections_by_pool.get(i).copied().unwrap_or(0),
+                )
+            })
+            .collect(),
     );
     b.int_gauges(
         "pool_serving_backends",
