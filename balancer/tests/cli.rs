@@ -165,8 +165,9 @@ fn check_config_names_the_file_and_the_problem() {
     );
 }
 
-/// SIGHUP re-reads the file (applies the log filter, names what needs a
-/// restart); SIGTERM stops and exits 0. Logs in JSON.
+/// SIGHUP re-reads the file and applies what can change at run time (the
+/// log filter, Retry-After, the bad-tag policy); SIGTERM stops and exits 0.
+/// Logs in JSON.
 #[test]
 fn sighup_reloads_and_sigterm_exits_cleanly() {
     let ip = "127.0.0.63";
@@ -180,13 +181,14 @@ fn sighup_reloads_and_sigterm_exits_cleanly() {
     let dir = std::env::temp_dir().join(format!("viaduct-signals-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("viaduct.toml");
-    let text = |filter: &str, retry: u32| {
+    let text = |filter: &str, retry: u32, policy: &str| {
         format!(
             "[sip]\nretry_after_secs = {retry}\n[[sip.listen]]\ntransport = \"tcp\"\naddress = \"{ip}:{port}\"\n\
-             [agents]\nlisten = \"{ip}:{agent_port}\"\n[log]\nfilter = \"{filter}\"\n"
+             [agents]\nlisten = \"{ip}:{agent_port}\"\n[admin]\nenabled = false\n\
+             [routing]\nbad_tag_policy = \"{policy}\"\n[log]\nfilter = \"{filter}\"\n"
         )
     };
-    std::fs::write(&config, text("info", 5)).unwrap();
+    std::fs::write(&config, text("info", 5, "treat-as-untagged")).unwrap();
     let mut child = Command::cargo_bin("viaduct")
         .unwrap()
         .args(["--log-format", "json", "run", "--config"])
@@ -224,11 +226,51 @@ fn sighup_reloads_and_sigterm_exits_cleanly() {
         assert!(ok, "kill -{name}");
     };
 
-    std::fs::write(&config, text("debug", 7)).unwrap();
+    // An in-dialog request with a forged tag, and no backend at all.
+    let forged = |n: u32| {
+        format!(
+            "BYE sip:ivr@{ip}:{port};vd=0001000000000000f SIP/2.0\r\nVia: SIP/2.0/TCP 127.0.0.64:5060;branch=z9hG4bK-f{n}\r\n\
+             From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>;tag=2\r\nCall-ID: forged-{n}\r\nCSeq: {n} BYE\r\n\
+             Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+    };
+    let ask = |n: u32| {
+        let mut tcp = TcpStream::connect((ip, port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        tcp.write_all(forged(n).as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while !got.ends_with(b"\r\n\r\n") {
+            let k = tcp.read(&mut buf).unwrap();
+            assert!(k > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..k]);
+        }
+        String::from_utf8(got).unwrap()
+    };
+    let before = ask(1);
+    assert!(
+        before.starts_with("SIP/2.0 503 ") && before.contains("Retry-After: 5\r\n"),
+        "{before}"
+    );
+
+    std::fs::write(&config, text("debug", 7, "reject")).unwrap();
     signal("HUP");
     wait_for("log filter changed");
+    wait_for("reload: routing policies");
+    let after = ask(2);
+    assert!(
+        after.starts_with("SIP/2.0 403 "),
+        "the reloaded policy rejects forged tags: {after}"
+    );
+    // A change that needs a restart is named as such.
+    std::fs::write(
+        &config,
+        text("debug", 7, "reject").replace("[log]", "[limits]\nmax_headers = 100\n[log]"),
+    )
+    .unwrap();
+    signal("HUP");
     let restart = wait_for("after a restart");
-    assert!(restart.contains("sip"), "{restart}");
+    assert!(restart.contains("limits"), "{restart}");
 
     signal("TERM");
     wait_for("shutting down");

@@ -22,7 +22,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use balancer::config::{Config, ADMIN_TOKEN_ENV, SECRET_ENV};
-use balancer::driver::Balancer;
+use balancer::driver::{Balancer, Reload};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -193,6 +193,7 @@ fn serve(path: Option<&Path>, filter: &FilterHandle) -> anyhow::Result<()> {
             path.map(Path::to_path_buf),
             config.clone(),
             filter.clone(),
+            balancer.reloader(),
         )?;
         tokio::task::spawn_local(signals);
         balancer.run(shutdown).await
@@ -205,6 +206,7 @@ fn watch_signals(
     path: Option<PathBuf>,
     mut running: Config,
     filter: FilterHandle,
+    reloader: tokio::sync::mpsc::Sender<Reload>,
 ) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -223,14 +225,19 @@ fn watch_signals(
                     shutdown.cancel();
                     return;
                 }
-                _ = hup.recv() => reload(path.as_deref(), &mut running, &filter),
+                _ = hup.recv() => reload(path.as_deref(), &mut running, &filter, &reloader),
             }
         }
     })
 }
 
 /// SIGHUP: re-read the file; apply the log filter; name what needs a restart.
-fn reload(path: Option<&Path>, running: &mut Config, filter: &FilterHandle) {
+fn reload(
+    path: Option<&Path>,
+    running: &mut Config,
+    filter: &FilterHandle,
+    reloader: &tokio::sync::mpsc::Sender<Reload>,
+) {
     let Some(path) = path else {
         info!("SIGHUP: no configuration file to re-read");
         return;
@@ -250,6 +257,38 @@ fn reload(path: Option<&Path>, running: &mut Config, filter: &FilterHandle) {
         }
         running.log.filter = new.log.filter.clone();
     }
+    // What applies at once (Router::reconfigure and the agent secret):
+    // routing policies, new-call table limits, Retry-After and the
+    // secrets. Pools, rules, the report interval, listeners and limits
+    // need a restart.
+    match new.secrets() {
+        Ok(secrets) => {
+            let mut applied = running.clone();
+            let r = &mut applied.routing;
+            r.bad_tag_policy = new.routing.bad_tag_policy;
+            r.accept_call_independent_tags = new.routing.accept_call_independent_tags;
+            r.new_call_lifetime_ms = new.routing.new_call_lifetime_ms;
+            r.new_call_capacity = new.routing.new_call_capacity;
+            r.missed_reports_down = new.routing.missed_reports_down;
+            r.failover = new.routing.failover;
+            applied.sip.retry_after_secs = new.sip.retry_after_secs;
+            applied.agents.secret_file = new.agents.secret_file.clone();
+            applied.agents.previous_secret_file = new.agents.previous_secret_file.clone();
+            match reloader.try_send(Reload {
+                config: applied.clone(),
+                secrets,
+            }) {
+                Ok(()) => {
+                    *running = Config {
+                        log: running.log.clone(),
+                        ..applied
+                    }
+                }
+                Err(_) => warn!("SIGHUP: a reload is already being applied; send SIGHUP again"),
+            }
+        }
+        Err(e) => error!(problems = %e, "SIGHUP: secrets unreadable; keeping the running ones"),
+    }
     let mut restart = Vec::new();
     if new.sip != running.sip {
         restart.push("sip");
@@ -257,8 +296,8 @@ fn reload(path: Option<&Path>, running: &mut Config, filter: &FilterHandle) {
     if new.agents != running.agents {
         restart.push("agents");
     }
-    if new.routing != running.routing {
-        restart.push("routing");
+    if new.routing != running.routing || new.pools != running.pools || new.rules != running.rules {
+        restart.push("routing (pools, rules, report interval)");
     }
     if new.limits != running.limits {
         restart.push("limits");

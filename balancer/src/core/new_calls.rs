@@ -81,6 +81,14 @@ impl NewCallTable {
         }
     }
 
+    /// New limits (a configuration reload): entries made from now on live
+    /// `lifetime`; the table holds at most `capacity` (entries above a
+    /// lowered bound stay until they expire).
+    pub fn set_limits(&mut self, lifetime: Duration, capacity: usize) {
+        self.lifetime_ms = u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX);
+        self.capacity = capacity;
+    }
+
     /// The table's key for a Call-ID.
     pub fn key(&self, call_id: &[u8]) -> CallKey {
         let mut h = SipHasher13::new_with_keys(self.hash_keys.0, self.hash_keys.1);

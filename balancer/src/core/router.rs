@@ -1988,3 +1988,24 @@ impl Router {
             .map(|(&id, _)| id)
     }
 }
+
+impl Router {
+    /// Applies what a configuration reload (SIGHUP) may change at run time:
+    /// the bad-tag and failover policies, whether call-independent tags are
+    /// accepted, the 503 Retry-After, the missed-report limit, the new-call
+    /// table's lifetime and bound, and the tag keys (secret rotation).
+    /// Pools, rules, limits and the report interval need a restart; they
+    /// are left as they are.
+    pub fn reconfigure(&mut self, new: &RouterConfig, keys: TagKeys) {
+        self.config.bad_tag_policy = new.bad_tag_policy;
+        self.config.accept_call_independent_tags = new.accept_call_independent_tags;
+        self.config.retry_after_secs = new.retry_after_secs;
+        self.config.failover_policy = new.failover_policy;
+        self.config.missed_reports_down = new.missed_reports_down;
+        self.config.new_call_lifetime = new.new_call_lifetime;
+        self.config.new_call_capacity = new.new_call_capacity;
+        self.new_calls
+            .set_limits(new.new_call_lifetime, new.new_call_capacity);
+        self.keys = keys;
+    }
+}

@@ -68,7 +68,7 @@ async fn serve_link(shared: Rc<Shared>, link: u64, stream: TcpStream, remote: So
     let (rd, mut wr) = stream.into_split();
     let mut reader = FramedRead::new(rd, FrameCodec::new(shared.settings.max_frame_body));
     let s = &shared.settings;
-    let mut handshake = BalancerHandshake::new(&s.secret, &s.agent_name, rand::random());
+    let mut handshake = BalancerHandshake::new(&s.secret.borrow(), &s.agent_name, rand::random());
     let outcome = tokio::select! {
         r = tokio::time::timeout(s.handshake_timeout, shake(&mut reader, &mut wr, &mut handshake)) => match r {
             Ok(outcome) => outcome,

@@ -63,6 +63,19 @@ pub struct Balancer {
     admin: Option<(TcpListener, Option<String>)>,
     config: Config,
     secrets: Secrets,
+    reloads: (mpsc::Sender<Reload>, mpsc::Receiver<Reload>),
+}
+
+/// A configuration reload for a running balancer (SIGHUP): the parts that
+/// apply at run time (see [`Router::reconfigure`]) and the cluster secrets
+/// (new agent links authenticate with the new secret; tags verify with the
+/// current and previous keys).
+#[derive(Debug)]
+pub struct Reload {
+    /// The reloaded configuration.
+    pub config: Config,
+    /// Its secrets, read again.
+    pub secrets: Secrets,
 }
 
 impl Balancer {
@@ -116,6 +129,7 @@ impl Balancer {
             admin,
             config: config.clone(),
             secrets,
+            reloads: mpsc::channel(4),
         })
     }
 
@@ -142,6 +156,12 @@ impl Balancer {
     /// The admin listener's address, if it serves.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// A handle to send configuration reloads (SIGHUP) to the running
+    /// balancer.
+    pub fn reloader(&self) -> mpsc::Sender<Reload> {
+        self.reloads.0.clone()
     }
 
     /// Serves until `shutdown` is cancelled, then flushes (bounded by
@@ -228,6 +248,9 @@ impl Balancer {
         // Plain SIP backends join now that the sockets are known.
         shared.feed(|r| r.start(Instant::now()));
         shared.tasks.spawn_local(timer(shared.clone()));
+        shared
+            .tasks
+            .spawn_local(apply_reloads(shared.clone(), self.reloads.1));
         if let Some((listener, token)) = self.admin {
             admin::start(&shared, listener, token, config);
         }
@@ -278,7 +301,8 @@ struct Settings {
     /// listeners' addresses), so peers see the balancer's address.
     tcp_source_ips: Vec<IpAddr>,
     agent_name: String,
-    secret: Vec<u8>,
+    /// The cluster secret new agent links authenticate with (reloadable).
+    secret: RefCell<Vec<u8>>,
     agent_ids: std::collections::BTreeMap<String, BackendId>,
     max_frame_body: u32,
     handshake_timeout: Duration,
@@ -311,7 +335,7 @@ impl Settings {
             shutdown_grace: Duration::from_millis(config.sip.shutdown_grace_ms),
             tcp_source_ips,
             agent_name: config.agents.name.clone(),
-            secret,
+            secret: RefCell::new(secret),
             agent_ids: config.agents.ids.clone(),
             max_frame_body: config.agents.max_frame_body,
             handshake_timeout: Duration::from_millis(config.agents.handshake_timeout_ms),
@@ -633,4 +657,32 @@ async fn write_loop(
     }
     let _ = w.shutdown().await;
     state.cancel.cancel();
+}
+
+/// Applies configuration reloads as they come (SIGHUP), until shutdown.
+async fn apply_reloads(shared: Rc<Shared>, mut reloads: mpsc::Receiver<Reload>) {
+    loop {
+        let reload = tokio::select! {
+            r = reloads.recv() => match r {
+                Some(r) => r,
+                None => return,
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let router_config = match reload.config.router_config(rand::random()) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(problems = %e, "reload: configuration rejected; keeping the running one");
+                continue;
+            }
+        };
+        *shared.settings.secret.borrow_mut() = reload.secrets.current.clone();
+        shared.feed(|r| r.reconfigure(&router_config, reload.secrets.tag_keys()));
+        info!(
+            bad_tag_policy = ?router_config.bad_tag_policy,
+            failover = ?router_config.failover_policy,
+            retry_after_secs = router_config.retry_after_secs,
+            "reload: routing policies, new-call table limits and secrets applied"
+        );
+    }
 }
