@@ -915,21 +915,17 @@ impl Router {
             "message above the limits (header {} / body {} bytes)",
             self.config.limits.max_header_bytes, self.config.limits.max_body_bytes
         );
-        if let Some(resp) = raw_response(head, status, reason, &[]) {
-            self.actions.push_back(Action::ToPeer {
-                egress: Self::reply_egress(from, None),
-                message: resp,
-            });
-        }
-        self.actions.push_back(Action::Event(Event::Rejected {
-            peer: from.remote,
-            status,
-            reason: detail,
-        }));
+        self.answer_raw(from, head, status, reason, detail);
     }
 
     fn refuse_raw(&mut self, from: Peer, raw: &[u8], status: u16, reason: &str, detail: String) {
         self.counters.rejected_400 += 1;
+        self.answer_raw(from, raw, status, reason, detail);
+    }
+
+    /// Answers a request from its raw bytes (it did not scan, or is too
+    /// large to), with a Warning naming the fault, and reports it once.
+    fn answer_raw(&mut self, from: Peer, raw: &[u8], status: u16, reason: &str, detail: String) {
         let warning = warning_value(&detail);
         if let Some(resp) = raw_response(raw, status, reason, &[("Warning", warning.as_bytes())]) {
             self.actions.push_back(Action::ToPeer {
