@@ -514,7 +514,17 @@ fn response_path_prefers_the_named_connection_then_any_then_a_new_one() {
         egress(lab.backend_sends(0, 1, Some(10), Transport::Tcp, proxy_a, &ok)),
         Egress::Stream(10)
     );
-    // Named connection 12 leads elsewhere: never sent there; another to proxy A.
+    // The named connection comes from proxy A's host but another port (an
+    // ephemeral source port; the agent resolved the Via's sent-by port):
+    // RFC 3261 §18.2.2, the response takes the connection it came on.
+    lab.router
+        .conn_opened(13, Transport::Tcp, addr("192.0.2.70:51234"), addr(LB));
+    assert_eq!(
+        egress(lab.backend_sends(0, 1, Some(13), Transport::Tcp, "192.0.2.70:5060", &ok)),
+        Egress::Stream(13)
+    );
+    lab.router.conn_closed(13);
+    // Named connection 12 leads to another host: never sent there; another to proxy A.
     assert_eq!(
         egress(lab.backend_sends(0, 1, Some(12), Transport::Tcp, proxy_a, &ok)),
         Egress::Stream(11)
@@ -544,7 +554,7 @@ fn response_path_prefers_the_named_connection_then_any_then_a_new_one() {
             to: addr("192.0.2.9:5066")
         }
     );
-    assert_eq!(lab.router.counters().from_backends, 4);
+    assert_eq!(lab.router.counters().from_backends, 5);
 }
 
 #[test]

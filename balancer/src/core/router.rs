@@ -820,8 +820,11 @@ impl Router {
     }
 
     /// The response path rules of design.md §4: the named connection if it
-    /// is open and leads to `to`; else any open connection to `to`; else a
-    /// new connection (streams) or a datagram (UDP). Only `to` is ever used.
+    /// is open and leads to the host of `to` (RFC 3261 §18.2.2: a response
+    /// over a stream takes the connection the request came on, whose remote
+    /// port is usually an ephemeral one, not the sent-by port the agent
+    /// resolved); else any open connection to `to`; else a new connection
+    /// (streams) or a datagram (UDP). Nothing goes to another host.
     fn egress(
         &self,
         named: Option<ConnId>,
@@ -846,11 +849,9 @@ impl Router {
             return Some(Egress::Datagram { socket, to });
         }
         if let Some(id) = named {
-            if self
-                .conns
-                .get(&id)
-                .is_some_and(|c| c.transport == transport && c.remote == Some(to))
-            {
+            if self.conns.get(&id).is_some_and(|c| {
+                c.transport == transport && c.remote.is_some_and(|r| r.ip() == to.ip())
+            }) {
                 return Some(Egress::Stream(id));
             }
         }
