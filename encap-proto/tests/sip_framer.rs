@@ -5,7 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 use bytes::{Bytes, BytesMut};
-use encap_proto::sip::{frame_datagram, Framed, FramingError, Limits, StreamFramer};
+use encap_proto::sip::{
+    frame_datagram, Framed, FramingError, Limits, Scanned, SipMessage, StreamFramer,
+};
 use proptest::prelude::*;
 
 const INVITE: &[u8] = b"INVITE sip:bob@biloxi.example.com SIP/2.0\r\n\
@@ -343,4 +345,127 @@ proptest! {
 fn stream_corpus_cached() -> &'static [Vec<u8>] {
     static CORPUS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
     CORPUS.get_or_init(stream_corpus)
+}
+
+/// What one unit of a stream is, for comparing [`StreamFramer::decode_scanned`]
+/// with `decode` then [`SipMessage::parse_with`]: a scanned message by its
+/// bytes and every offset the scan kept (its `Debug` form).
+#[derive(Debug, PartialEq)]
+enum Unit {
+    Message(Bytes, String),
+    Invalid(Bytes, encap_proto::sip::ScanError),
+    Ping,
+    Pong,
+}
+
+fn unit_of_framed(f: Framed, limits: &Limits) -> Unit {
+    match f {
+        Framed::Message(m) => match SipMessage::parse_with(m.clone(), limits) {
+            Ok(msg) => Unit::Message(m, format!("{msg:?}")),
+            Err(e) => Unit::Invalid(m, e),
+        },
+        Framed::Ping => Unit::Ping,
+        Framed::Pong => Unit::Pong,
+    }
+}
+
+/// `decode` then `parse_with` on every message, `decode_eof` at the end.
+fn run_parsed(chunks: &[&[u8]], limits: Limits) -> (Vec<Unit>, Option<FramingError>) {
+    let (units, err) = run(chunks, limits);
+    let units = units
+        .into_iter()
+        .map(|f| unit_of_framed(f, &limits))
+        .collect();
+    (units, err)
+}
+
+/// `decode_scanned` on every chunk, `decode_eof` (then `parse_with`) at the end.
+fn run_scanned(chunks: &[&[u8]], limits: Limits) -> (Vec<Unit>, Option<FramingError>) {
+    let mut framer = StreamFramer::new(limits);
+    let mut buf = BytesMut::new();
+    let mut out = vec![];
+    for c in chunks {
+        buf.extend_from_slice(c);
+        loop {
+            match framer.decode_scanned(&mut buf) {
+                Ok(Some(Scanned::Message(msg))) => {
+                    out.push(Unit::Message(msg.bytes().clone(), format!("{msg:?}")))
+                }
+                Ok(Some(Scanned::Invalid { message, error })) => {
+                    out.push(Unit::Invalid(message, error))
+                }
+                Ok(Some(Scanned::Ping)) => out.push(Unit::Ping),
+                Ok(Some(Scanned::Pong)) => out.push(Unit::Pong),
+                Ok(None) => break,
+                Err(e) => return (out, Some(e)),
+            }
+        }
+    }
+    loop {
+        match framer.decode_eof(&mut buf) {
+            Ok(Some(f)) => out.push(unit_of_framed(f, &limits)),
+            Ok(None) => return (out, None),
+            Err(e) => return (out, Some(e)),
+        }
+    }
+}
+
+fn corpus_files(dir: &std::path::Path, out: &mut Vec<Vec<u8>>) {
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    for p in paths {
+        if p.is_dir() {
+            corpus_files(&p, out);
+        } else if p.file_name().is_some_and(|n| n != "README.md") {
+            out.push(std::fs::read(&p).unwrap());
+        }
+    }
+}
+
+/// The one-walk fast path gives exactly what `decode` then `parse_with`
+/// give (same units, same scanned offsets, same errors), for every corpus
+/// file (valid, invalid, RFC 5118), alone and pipelined, with keep-alives,
+/// under tight limits too, however the input is split.
+#[test]
+fn decode_scanned_matches_decode_then_parse() {
+    let mut files = vec![INVITE.to_vec(), COMPACT.to_vec(), FOLDED.to_vec()];
+    corpus_files(
+        std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../conformance/corpus"
+        )),
+        &mut files,
+    );
+    assert!(files.len() > 100, "only {} corpus files", files.len());
+    let tight = Limits {
+        max_header_bytes: 300,
+        max_body_bytes: 100,
+        max_headers: 8,
+    };
+    for f in &files {
+        let mut twice = b"\r\n\r\n".to_vec();
+        twice.extend_from_slice(f);
+        twice.extend_from_slice(b"\r\n");
+        twice.extend_from_slice(f);
+        for input in [&f[..], &twice[..]] {
+            for limits in [Limits::default(), tight] {
+                let expected = run_parsed(&[input], limits);
+                assert_eq!(run_scanned(&[input], limits), expected);
+                let step = (input.len() / 16).max(1);
+                for i in (0..=input.len()).step_by(step) {
+                    let chunks = [&input[..i], &input[i..]];
+                    assert_eq!(run_scanned(&chunks, limits), expected, "split at {i}");
+                }
+            }
+        }
+        let bytes: Vec<&[u8]> = f.chunks(1).collect();
+        assert_eq!(
+            run_scanned(&bytes, Limits::default()),
+            run_parsed(&[f], Limits::default()),
+            "1 byte at a time"
+        );
+    }
 }

@@ -5,8 +5,8 @@
 
 use bytes::{Bytes, BytesMut};
 use encap_proto::sip::{
-    frame_datagram, Framed, FramingError, Limits, Rewrite, SipMessage, StartLine, StreamFramer,
-    Uri, UriTarget,
+    frame_datagram, Framed, FramingError, Limits, Rewrite, Scanned, ScanError, SipMessage,
+    StartLine, StreamFramer, Uri, UriTarget,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -30,6 +30,61 @@ fn run(
     loop {
         match framer.decode_eof(&mut buf) {
             Ok(Some(f)) => out.push(f),
+            Ok(None) => return (out, None),
+            Err(e) => return (out, Some(e)),
+        }
+    }
+}
+
+/// One unit as `decode` + `parse_with` or `decode_scanned` see it; a scanned
+/// message by its bytes and every offset the scan kept (`Debug`).
+#[derive(Debug, PartialEq)]
+enum Unit {
+    Message(Bytes, String),
+    Invalid(Bytes, ScanError),
+    Ping,
+    Pong,
+}
+
+fn unit_of_framed(f: Framed, limits: &Limits) -> Unit {
+    match f {
+        Framed::Message(m) => match SipMessage::parse_with(m.clone(), limits) {
+            Ok(msg) => Unit::Message(m, format!("{msg:?}")),
+            Err(e) => Unit::Invalid(m, e),
+        },
+        Framed::Ping => Unit::Ping,
+        Framed::Pong => Unit::Pong,
+    }
+}
+
+/// The one-walk `decode_scanned` over `chunks` (`decode_eof` at the end).
+fn run_scanned(
+    chunks: &mut dyn Iterator<Item = &[u8]>,
+    limits: Limits,
+) -> (Vec<Unit>, Option<FramingError>) {
+    let mut framer = StreamFramer::new(limits);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for c in chunks {
+        buf.extend_from_slice(c);
+        loop {
+            match framer.decode_scanned(&mut buf) {
+                Ok(Some(Scanned::Message(m))) => {
+                    out.push(Unit::Message(m.bytes().clone(), format!("{m:?}")))
+                }
+                Ok(Some(Scanned::Invalid { message, error })) => {
+                    out.push(Unit::Invalid(message, error))
+                }
+                Ok(Some(Scanned::Ping)) => out.push(Unit::Ping),
+                Ok(Some(Scanned::Pong)) => out.push(Unit::Pong),
+                Ok(None) => break,
+                Err(e) => return (out, Some(e)),
+            }
+        }
+    }
+    loop {
+        match framer.decode_eof(&mut buf) {
+            Ok(Some(f)) => out.push(unit_of_framed(f, &limits)),
             Ok(None) => return (out, None),
             Err(e) => return (out, Some(e)),
         }
@@ -122,6 +177,17 @@ fuzz_target!(|data: &[u8]| {
     let whole = run(&mut std::iter::once(input), limits);
     let split = run(&mut input.chunks(chunk), limits);
     assert_eq!(whole, split, "framing depends on how the input is split");
+    let parsed = (
+        whole
+            .0
+            .iter()
+            .cloned()
+            .map(|f| unit_of_framed(f, &limits))
+            .collect::<Vec<_>>(),
+        whole.1.clone(),
+    );
+    let scanned = run_scanned(&mut input.chunks(chunk), limits);
+    assert_eq!(scanned, parsed, "decode_scanned differs from decode + parse");
     for f in whole.0 {
         if let Framed::Message(m) = f {
             exercise(m);

@@ -27,6 +27,7 @@ use bytes::{Bytes, BytesMut};
 use memchr::memchr_iter;
 
 use super::scan::{classify, crlf_line_end, find_crlfcrlf, parse_u64, Fields, Known};
+use super::scan::{ScanError, SipMessage};
 use super::Limits;
 
 /// One unit read from a SIP stream or datagram.
@@ -34,6 +35,29 @@ use super::Limits;
 pub enum Framed {
     /// A complete SIP message (header section and body), zero copy.
     Message(Bytes),
+    /// A double-CRLF keep-alive ping at a message boundary: answer with CRLF.
+    Ping,
+    /// A single-CRLF keep-alive pong at a message boundary.
+    Pong,
+}
+
+/// One unit read from a SIP stream by [`StreamFramer::decode_scanned`]:
+/// framed and scanned in one walk of the header section.
+// The message is moved, not boxed: boxing would allocate per message, which
+// the routing path must not (see the module docs of `sip`).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Scanned {
+    /// A complete SIP message, scanned.
+    Message(SipMessage),
+    /// A complete SIP message (framing is intact, the stream stays in sync)
+    /// that the scanner rejects: answer 400 or drop it.
+    Invalid {
+        /// The framed message, zero copy.
+        message: Bytes,
+        /// Why [`SipMessage::parse_with`] rejects it.
+        error: ScanError,
+    },
     /// A double-CRLF keep-alive ping at a message boundary: answer with CRLF.
     Ping,
     /// A single-CRLF keep-alive pong at a message boundary.
@@ -252,6 +276,59 @@ impl StreamFramer {
         self.pending = None;
         self.searched = 0;
         Ok(Some(Framed::Message(buf.split_to(total).freeze())))
+    }
+
+    /// [`StreamFramer::decode`] and [`SipMessage::parse_with`] (with this
+    /// framer's limits) in one: the same units and errors, but a message that
+    /// arrived whole is walked once instead of three times (search for the
+    /// end of the header section, Content-Length, scan).
+    ///
+    /// Framing errors are fatal, as for `decode`; a message that frames but
+    /// does not scan is [`Scanned::Invalid`] and the stream goes on.
+    ///
+    /// ```
+    /// use bytes::BytesMut;
+    /// use encap_proto::sip::{Limits, Scanned, StreamFramer};
+    ///
+    /// let mut framer = StreamFramer::new(Limits::default());
+    /// let mut buf = BytesMut::from(&b"OPTIONS sip:a@example.com SIP/2.0\r\ni: x1\r\nl: 0\r\n\r\n"[..]);
+    /// while let Some(unit) = framer.decode_scanned(&mut buf)? {
+    ///     match unit {
+    ///         Scanned::Message(msg) => assert_eq!(msg.call_id(), Some(&b"x1"[..])),
+    ///         Scanned::Invalid { .. } => { /* answer 400 */ }
+    ///         Scanned::Ping => { /* answer CRLF */ }
+    ///         Scanned::Pong => {}
+    ///     }
+    /// }
+    /// # Ok::<(), encap_proto::sip::FramingError>(())
+    /// ```
+    pub fn decode_scanned(&mut self, buf: &mut BytesMut) -> Result<Option<Scanned>, FramingError> {
+        if self.pending.is_none() && self.searched == 0 {
+            // Fast path: a message that arrived whole is scanned in place; if
+            // the scan finds anything unusual, the slow path below decides.
+            if let KeepAlive::No = keep_alive(buf) {
+                let mut msg = SipMessage::blank();
+                if let Some(total) = msg.scan_stream_prefix(buf, &self.limits) {
+                    // The scan enforced max_header_bytes; the framer's own
+                    // body limit is checked here.
+                    if msg.content_length().unwrap_or(0) <= self.limits.max_body_bytes {
+                        msg.set_bytes(buf.split_to(total).freeze());
+                        return Ok(Some(Scanned::Message(msg)));
+                    }
+                }
+            }
+        }
+        Ok(match self.decode(buf)? {
+            None => None,
+            Some(Framed::Ping) => Some(Scanned::Ping),
+            Some(Framed::Pong) => Some(Scanned::Pong),
+            Some(Framed::Message(message)) => Some(
+                match SipMessage::parse_with(message.clone(), &self.limits) {
+                    Ok(msg) => Scanned::Message(msg),
+                    Err(error) => Scanned::Invalid { message, error },
+                },
+            ),
+        })
     }
 
     /// Like [`StreamFramer::decode`] at end of stream: a lone CRLF is a Pong,

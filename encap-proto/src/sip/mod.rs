@@ -14,6 +14,9 @@
 //!
 //! * [`framer`]: RFC 3261 §18.3 stream framing (Content-Length mandatory),
 //!   datagram framing, RFC 5626 CRLF keep-alives.
+//!   [`StreamFramer::decode_scanned`] frames and scans in one walk of the
+//!   header section (the same result as `decode` then [`SipMessage::parse_with`],
+//!   which walk it three times): use it on the routing path.
 //! * [`scan`]: a zero-copy, one-pass scanner of the fields routing needs,
 //!   tolerant of compact names, folded lines and LWS wherever RFC 3261 allows
 //!   it; full From/To/Contact/Route syntax checks are in
@@ -46,7 +49,7 @@ pub mod rewrite;
 pub mod scan;
 
 pub use codec::{SipCodecError, SipStreamCodec};
-pub use framer::{frame_datagram, Framed, FramingError, StreamFramer};
+pub use framer::{frame_datagram, Framed, FramingError, Scanned, StreamFramer};
 pub use rewrite::{Rewrite, UriTarget};
 pub use scan::{CSeq, NameAddr, ScanError, SipMessage, StartLine, Uri, Via};
 
