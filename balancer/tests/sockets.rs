@@ -555,15 +555,16 @@ async fn responses_use_the_exact_inbound_connection() {
         .send_sip(Some(inv_a1.connection), a1.local, ringing)
         .await;
     assert!(a1.expect_msg("A1").await.contains("Call-ID: call-2b\r\n"));
-    // The frame names A2's connection but A1's address: the balancer never
-    // sends to a peer the frame did not name, so it goes to A1.
+    // The frame names A2's connection and a next hop on the same host (an
+    // agent resolves the Via's port, which need not be the connection's):
+    // RFC 3261 §18.2.2, the named connection carries it.
     let ok = response(&text, "200 OK", lb.sip, &tag);
     backends[j]
         .send_sip(Some(inv_a2.connection), a1.local, ok)
         .await;
-    let got = a1.expect_msg("A1").await;
+    let got = a2.expect_msg("A2").await;
     assert!(got.starts_with("SIP/2.0 200 OK\r\n"), "{got}");
-    a2.expect_quiet("A2").await;
+    a1.expect_quiet("A1").await;
 
     // Proxy B's call is answered to B.
     b.send(&invite("call-2c", b_via, lb.sip)).await;
@@ -577,6 +578,16 @@ async fn responses_use_the_exact_inbound_connection() {
     assert!(b.expect_msg("B").await.contains("Call-ID: call-2c\r\n"));
     a1.expect_quiet("A1").await;
     a2.expect_quiet("A2").await;
+
+    // A frame naming B's connection with A1 as next hop: the balancer never
+    // sends to a host the next hop does not name, so it goes to A1.
+    let ok = response(&text, "200 OK", lb.sip, &tag);
+    backends[k]
+        .send_sip(Some(inv_b.connection), a1.local, ok)
+        .await;
+    let got = a1.expect_msg("A1").await;
+    assert!(got.starts_with("SIP/2.0 200 OK\r\n"), "{got}");
+    b.expect_quiet("B").await;
 }
 
 /// (3) Reconnection: proxy A's connection closed before the answer; the

@@ -47,7 +47,7 @@ use bytes::Bytes;
 use encap_proto::frame::{
     Close, Code, DrainState, Frame, LoadReport, SipFromBackend, SipToBackend, Transport,
 };
-use encap_proto::sip::{Limits, Rewrite, SipMessage, StartLine};
+use encap_proto::sip::{Limits, Rewrite, ScanError, SipMessage, StartLine};
 use encap_proto::tag::{TagError, TagKeys};
 
 use super::hash::rendezvous_weighted;
@@ -866,24 +866,39 @@ impl Router {
     /// A framed SIP message from a peer (`arrival_unix_us`: wall clock, for
     /// the frame's metadata).
     pub fn handle_sip(&mut self, now: Instant, arrival_unix_us: u64, from: Peer, message: Bytes) {
-        let msg = match SipMessage::parse_with(message.clone(), &self.config.limits) {
-            Ok(msg) => msg,
-            Err(e) => {
-                if message.starts_with(b"SIP/") {
-                    self.counters.responses_in += 1;
-                    self.counters.dropped_responses += 1;
-                    let reason = format!("malformed response: {e}");
-                    self.actions.push_back(Action::Event(Event::Dropped {
-                        from: Source::Peer(from.remote),
-                        reason,
-                    }));
-                } else {
-                    self.counters.requests_in += 1;
-                    self.refuse_raw(from, &message, 400, "Bad Request", e.to_string());
-                }
-                return;
-            }
-        };
+        match SipMessage::parse_with(message.clone(), &self.config.limits) {
+            Ok(msg) => self.handle_scanned(now, arrival_unix_us, from, msg),
+            Err(e) => self.handle_unscannable(from, &message, &e),
+        }
+    }
+
+    /// A framed message the scanner refused (the driver scanned it while
+    /// framing, see `StreamFramer::decode_scanned`): a request gets 400
+    /// with a Warning naming the fault, a response is dropped.
+    pub fn handle_unscannable(&mut self, from: Peer, message: &[u8], error: &ScanError) {
+        if message.starts_with(b"SIP/") {
+            self.counters.responses_in += 1;
+            self.counters.dropped_responses += 1;
+            let reason = format!("malformed response: {error}");
+            self.actions.push_back(Action::Event(Event::Dropped {
+                from: Source::Peer(from.remote),
+                reason,
+            }));
+        } else {
+            self.counters.requests_in += 1;
+            self.refuse_raw(from, message, 400, "Bad Request", error.to_string());
+        }
+    }
+
+    /// A framed and scanned SIP message from a peer (the driver scanned it
+    /// while framing; [`handle_sip`](Self::handle_sip) does both).
+    pub fn handle_scanned(
+        &mut self,
+        now: Instant,
+        arrival_unix_us: u64,
+        from: Peer,
+        msg: SipMessage,
+    ) {
         if msg.is_request() {
             self.counters.requests_in += 1;
             if let Some(backend) = self.plain_source(from) {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use encap_proto::frame::Transport;
-use encap_proto::sip::{frame_datagram, Framed, FramingError, StreamFramer};
+use encap_proto::sip::{frame_datagram, Framed, FramingError, Scanned, StreamFramer};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -250,21 +250,38 @@ async fn read_messages(
         let arrival = unix_us();
         let mut framed_any = false;
         loop {
+            // Frame and scan in one walk; at the end of the stream, frame
+            // what is left the plain way (decode_eof reports truncation)
+            // and let the router scan it.
             let next = if eof {
-                framer.decode_eof(&mut buf)
+                match framer.decode_eof(&mut buf) {
+                    Ok(Some(Framed::Message(m))) => {
+                        framed_any = true;
+                        shared.feed(|r| r.handle_sip(now, arrival, peer, m));
+                        continue;
+                    }
+                    Ok(Some(Framed::Ping)) => Ok(Some(Scanned::Ping)),
+                    Ok(Some(Framed::Pong)) => Ok(Some(Scanned::Pong)),
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                }
             } else {
-                framer.decode(&mut buf)
+                framer.decode_scanned(&mut buf)
             };
             match next {
-                Ok(Some(Framed::Message(m))) => {
+                Ok(Some(Scanned::Message(msg))) => {
                     framed_any = true;
-                    shared.feed(|r| r.handle_sip(now, arrival, peer, m));
+                    shared.feed(|r| r.handle_scanned(now, arrival, peer, msg));
                 }
-                Ok(Some(Framed::Ping)) => {
+                Ok(Some(Scanned::Invalid { message, error })) => {
+                    framed_any = true;
+                    shared.feed(|r| r.handle_unscannable(peer, &message, &error));
+                }
+                Ok(Some(Scanned::Ping)) => {
                     framed_any = true;
                     shared.send_stream(peer.conn, Bytes::from_static(b"\r\n"));
                 }
-                Ok(Some(Framed::Pong)) => framed_any = true,
+                Ok(Some(Scanned::Pong)) => framed_any = true,
                 Ok(None) => break,
                 Err(
                     e @ (FramingError::BodyTooLarge { .. } | FramingError::HeaderTooLarge { .. }),
