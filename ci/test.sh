@@ -17,6 +17,9 @@ cargo fmt --all --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo build --workspace --bins (the binaries the end-to-end tests run)"
+cargo build --workspace --bins --locked
+
 step "cargo test --workspace"
 # insta: never write snapshots in CI, fail on any difference.
 CI=true INSTA_UPDATE=no cargo test --workspace --locked

@@ -33,9 +33,12 @@ pub fn bin(package: &str, bin: &str) -> PathBuf {
     built
         .entry(format!("{package}/{bin}"))
         .or_insert_with(|| {
+            // `--workspace` (not `-p`): every binary is built with the
+            // workspace's unified features, so one build serves them all and
+            // `ci/test.sh`'s `cargo build --workspace --bins` is reused.
             let run = escargot::CargoBuild::new()
                 .manifest_path(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"))
-                .package(package)
+                .arg("--workspace")
                 .bin(bin)
                 .current_release()
                 .run()

@@ -205,13 +205,19 @@ pub fn record_route_uri(side: Side, tag: &[u8]) -> String {
 /// `rport` was asked, `rport` filled when asked.
 pub fn mark_received(rw: &mut Rewrite<'_>, msg: &SipMessage, source: SocketAddr) {
     let Some(via) = msg.top_via() else { return };
-    let source_ip = source.ip().to_string();
     let host = via
         .host
         .strip_prefix(b"[")
         .and_then(|h| h.strip_suffix(b"]"))
         .unwrap_or(via.host);
-    if via.rport.is_some() || host != source_ip.as_bytes() {
+    // Compared as addresses (no text formatting on the common path where
+    // the sent-by is the source: an in-dialog request over TCP).
+    let sent_by_is_source = std::str::from_utf8(host)
+        .ok()
+        .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+        == Some(source.ip());
+    if via.rport.is_some() || !sent_by_is_source {
+        let source_ip = source.ip().to_string();
         rw.set_top_via_param("received", Some(source_ip.as_bytes()));
     }
     if via.rport == Some(None) {

@@ -8,6 +8,7 @@
 use std::hash::{Hash, Hasher};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use encap_proto::sip::response::response;
 use encap_proto::sip::SipMessage;
 
 /// Builds the response `code reason` to `request`, with `extra` headers
@@ -26,32 +27,18 @@ pub fn stateless_response(
     if method.eq_ignore_ascii_case(b"ACK") {
         return None;
     }
-    let from = request.header("From")?;
-    let to = request.header("To")?;
-    let call_id = request.call_id()?;
-    let cseq = request.header("CSeq")?;
+    // Every header a response copies must be there.
+    request.header("From")?;
+    request.header("To")?;
+    request.call_id()?;
+    request.header("CSeq")?;
     request.top_via()?;
-
-    let mut out = BytesMut::with_capacity(512);
-    out.put_slice(format!("SIP/2.0 {code} {reason}\r\n").as_bytes());
-    for via in request.headers("Via") {
-        put_header(&mut out, "Via", via);
-    }
-    put_header(&mut out, "From", from);
-    out.put_slice(b"To: ");
-    out.put_slice(to);
-    if code != 100 && request.to_tag().is_none() {
-        out.put_slice(b";tag=vd");
-        out.put_slice(format!("{:016x}", stable_tag(request)).as_bytes());
-    }
-    out.put_slice(b"\r\n");
-    put_header(&mut out, "Call-ID", call_id);
-    put_header(&mut out, "CSeq", cseq);
+    let tag = format!("vd{:016x}", stable_tag(request));
+    let mut builder = response(request, code, reason).to_tag(&tag);
     for (name, value) in extra {
-        put_header(&mut out, name, value);
+        builder = builder.header(name, value);
     }
-    out.put_slice(b"Server: viaduct\r\nContent-Length: 0\r\n\r\n");
-    Some(out.freeze())
+    Some(builder.header("Server", b"viaduct").build())
 }
 
 /// Builds `code reason` to a request the scanner refused, from its raw

@@ -1363,27 +1363,13 @@ impl Router {
         let backend = route.backend();
         let mut rw = Rewrite::new(msg);
         for own in [TAG_HEADER, FAILOVER_HEADER] {
-            if msg.header(own).is_some() {
+            if msg.has_viaduct_headers() && msg.header(own).is_some() {
                 rw.remove_headers(own);
                 self.counters.own_headers_stripped += 1;
             }
         }
         // RFC 3261 §18.2.1 and RFC 3581: record where it really came from.
-        if let Some(via) = msg.top_via() {
-            let source_ip = from.remote.ip().to_string();
-            let sent_by_is_source = via
-                .host
-                .strip_prefix(b"[")
-                .and_then(|h| h.strip_suffix(b"]"))
-                .unwrap_or(via.host)
-                == source_ip.as_bytes();
-            if via.rport.is_some() || !sent_by_is_source {
-                rw.set_top_via_param("received", Some(source_ip.as_bytes()));
-            }
-            if via.rport == Some(None) {
-                rw.set_top_via_param("rport", Some(from.remote.port().to_string().as_bytes()));
-            }
-        }
+        super::proxy::mark_received(&mut rw, msg, from.remote);
         let call_id = msg.call_id().unwrap_or_default();
         match route {
             Route::Tagged(_) => {}

@@ -45,6 +45,7 @@
 
 pub mod codec;
 pub mod framer;
+pub mod response;
 pub mod rewrite;
 pub mod scan;
 
