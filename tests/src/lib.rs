@@ -8,11 +8,15 @@
 //! * [`free_port`]: a port free on a given loopback address;
 //! * [`Viaduct`]: a balancer process on its own 127.0.0.x address, with its
 //!   config in a temporary folder, its log kept (and printed if the test
-//!   fails), killed on drop, restartable on the same ports.
+//!   fails), killed on drop, restartable on the same ports;
+//! * [`containers`]: the balancer, demo backends and SIPp each in a
+//!   container on a private network (images from `ci/images.sh`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 // Test support drives processes: it may read clocks and spawn.
 #![allow(clippy::disallowed_methods)]
+
+pub mod containers;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
