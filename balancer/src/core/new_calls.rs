@@ -194,6 +194,12 @@ impl NewCallTable {
                 None => {}
             }
         }
+        // Give memory back after a burst: the table follows the new-call
+        // rate of the last lifetime, not its peak.
+        if self.map.capacity() > 4 * self.map.len() + 1024 {
+            self.map.shrink_to(2 * self.map.len());
+            self.queue.shrink_to(2 * self.queue.len());
+        }
         gone
     }
 
@@ -307,6 +313,24 @@ mod tests {
         // The queue slot still says 32 s; at 32 s it is re-queued for 42 s.
         assert_eq!(t.expire(t0 + 32 * S), 0);
         assert_eq!(t.next_expiry(), Some(t0 + 42 * S));
+    }
+
+    #[test]
+    fn memory_is_given_back_after_a_burst() {
+        let t0 = Instant::now();
+        let mut t = NewCallTable::new(DEFAULT_LIFETIME, 1_000_000, (1, 2));
+        for i in 0..100_000u32 {
+            let k = t.key(&i.to_be_bytes());
+            t.insert(t0, k, 1).unwrap();
+        }
+        let peak = t.map.capacity();
+        assert!(peak >= 100_000);
+        assert_eq!(t.expire(t0 + 32 * S), 100_000);
+        assert!(
+            t.map.capacity() < peak / 8,
+            "capacity {} after expiry, peak {peak}",
+            t.map.capacity()
+        );
     }
 
     #[test]
