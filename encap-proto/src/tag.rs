@@ -78,11 +78,26 @@ impl Key {
         Key(u64::from_le_bytes(a), u64::from_le_bytes(b))
     }
 
+    /// SipHash-2-4 of `backend` (big-endian), `flags` and, unless the tag
+    /// is call-independent, the Call-ID bytes.
     fn mac(self, backend: u16, flags: u8, call_id: &[u8]) -> u64 {
         let mut h = SipHasher24::new_with_keys(self.0, self.1);
-        h.write(&backend.to_be_bytes());
-        h.write_u8(flags);
-        if flags & FLAG_CALL_INDEPENDENT == 0 {
+        let call_id = if flags & FLAG_CALL_INDEPENDENT == 0 {
+            call_id
+        } else {
+            &[]
+        };
+        let [b0, b1] = backend.to_be_bytes();
+        // One write of the whole input when it fits a small buffer (the
+        // hasher's per-write tail handling costs more than the copy); the
+        // same bytes in the same order either way, so the same MAC.
+        let mut buf = [0u8; 128];
+        if let Some(dst) = buf.get_mut(3..3 + call_id.len()) {
+            dst.copy_from_slice(call_id);
+            buf[..3].copy_from_slice(&[b0, b1, flags]);
+            h.write(&buf[..3 + call_id.len()]);
+        } else {
+            h.write(&[b0, b1, flags]);
             h.write(call_id);
         }
         h.finish() & MAC_MASK
@@ -184,9 +199,46 @@ fn parse_hex(digits: &[u8]) -> Result<u64, TagError> {
     })
 }
 
+/// The backend id a name stands for when none is configured: a 16-bit fold
+/// of a fixed-key SipHash-2-4 of the name, never 0. The balancer uses it for
+/// agents not listed in `agents.ids` and for plain SIP members, peers use it
+/// for each other (peer mode); every replica, peer and restart computes the
+/// same, so tags keep their meaning. Its values are part of the wire
+/// contract: they never change between releases.
+pub fn backend_id_of(name: &str) -> u16 {
+    let mut h = SipHasher24::new_with_keys(0x7669_6164_7563_7421, 0x6261_636b_656e_6421);
+    h.write(name.as_bytes());
+    let x = h.finish();
+    // Truncation is the point: fold the 64 bits into 16.
+    #[allow(clippy::cast_possible_truncation)]
+    let id = (x ^ (x >> 16) ^ (x >> 32) ^ (x >> 48)) as u16;
+    if id == 0 {
+        1
+    } else {
+        id
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_ids_from_names_are_fixed_and_never_zero() {
+        // Pinned: tags minted by one release are read by the next.
+        for (name, id) in [
+            ("b1", 0x587e),
+            ("b2", 0x4e03),
+            ("backend-0", 0xfbed),
+            ("pbx-east-1", 0x0756),
+            ("", 0x2d78),
+        ] {
+            assert_eq!(backend_id_of(name), id, "{name:?}");
+        }
+        for n in 0..10_000 {
+            assert_ne!(backend_id_of(&format!("n{n}")), 0);
+        }
+    }
 
     #[test]
     fn minted_tags_verify_for_their_call_only() {
@@ -209,6 +261,34 @@ mod tests {
         assert!(keys
             .verify(&tag.to_ascii_uppercase(), b"call-1@example.com")
             .is_ok());
+    }
+
+    /// The MAC as first written: three writes into the hasher. The one-write
+    /// form must give the same bytes (tags minted by one release are read
+    /// by the next), for short and long Call-IDs.
+    fn mac_three_writes(key: Key, backend: u16, flags: u8, call_id: &[u8]) -> u64 {
+        let mut h = SipHasher24::new_with_keys(key.0, key.1);
+        h.write(&backend.to_be_bytes());
+        h.write_u8(flags);
+        if flags & FLAG_CALL_INDEPENDENT == 0 {
+            h.write(call_id);
+        }
+        h.finish() & MAC_MASK
+    }
+
+    #[test]
+    fn the_mac_is_the_three_write_mac() {
+        let key = Key::derive(b"cluster secret");
+        for len in [0usize, 1, 7, 8, 9, 36, 124, 125, 126, 200, 1000] {
+            let call_id: Vec<u8> = (0..len).map(|i| b"abcdef0123@.-"[i % 13]).collect();
+            for (backend, flags) in [(1u16, 0u8), (0x01a2, 0), (0xffff, FLAG_CALL_INDEPENDENT)] {
+                assert_eq!(
+                    key.mac(backend, flags, &call_id),
+                    mac_three_writes(key, backend, flags, &call_id),
+                    "len {len}, backend {backend}, flags {flags}"
+                );
+            }
+        }
     }
 
     #[test]

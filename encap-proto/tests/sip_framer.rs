@@ -6,7 +6,8 @@
 
 use bytes::{Bytes, BytesMut};
 use encap_proto::sip::{
-    frame_datagram, Framed, FramingError, Limits, Scanned, SipMessage, StreamFramer,
+    frame_datagram, frame_datagram_scanned, Framed, FramingError, Limits, Scanned, SipMessage,
+    StreamFramer,
 };
 use proptest::prelude::*;
 
@@ -369,6 +370,17 @@ fn unit_of_framed(f: Framed, limits: &Limits) -> Unit {
     }
 }
 
+/// A unit as the one-walk paths (`decode_scanned`, `frame_datagram_scanned`)
+/// give it.
+fn unit_of_scanned(s: Scanned) -> Unit {
+    match s {
+        Scanned::Message(msg) => Unit::Message(msg.bytes().clone(), format!("{msg:?}")),
+        Scanned::Invalid { message, error } => Unit::Invalid(message, error),
+        Scanned::Ping => Unit::Ping,
+        Scanned::Pong => Unit::Pong,
+    }
+}
+
 /// `decode` then `parse_with` on every message, `decode_eof` at the end.
 fn run_parsed(chunks: &[&[u8]], limits: Limits) -> (Vec<Unit>, Option<FramingError>) {
     let (units, err) = run(chunks, limits);
@@ -388,14 +400,7 @@ fn run_scanned(chunks: &[&[u8]], limits: Limits) -> (Vec<Unit>, Option<FramingEr
         buf.extend_from_slice(c);
         loop {
             match framer.decode_scanned(&mut buf) {
-                Ok(Some(Scanned::Message(msg))) => {
-                    out.push(Unit::Message(msg.bytes().clone(), format!("{msg:?}")))
-                }
-                Ok(Some(Scanned::Invalid { message, error })) => {
-                    out.push(Unit::Invalid(message, error))
-                }
-                Ok(Some(Scanned::Ping)) => out.push(Unit::Ping),
-                Ok(Some(Scanned::Pong)) => out.push(Unit::Pong),
+                Ok(Some(s)) => out.push(unit_of_scanned(s)),
                 Ok(None) => break,
                 Err(e) => return (out, Some(e)),
             }
@@ -425,13 +430,17 @@ fn corpus_files(dir: &std::path::Path, out: &mut Vec<Vec<u8>>) {
     }
 }
 
-/// The one-walk fast path gives exactly what `decode` then `parse_with`
-/// give (same units, same scanned offsets, same errors), for every corpus
-/// file (valid, invalid, RFC 5118), alone and pipelined, with keep-alives,
-/// under tight limits too, however the input is split.
-#[test]
-fn decode_scanned_matches_decode_then_parse() {
+/// Limits tight enough that corpus messages hit each of them.
+const TIGHT: Limits = Limits {
+    max_header_bytes: 300,
+    max_body_bytes: 100,
+    max_headers: 8,
+};
+
+/// The sample messages of this file, `extra`, then every corpus file.
+fn samples_and_corpus(extra: &[&[u8]]) -> Vec<Vec<u8>> {
     let mut files = vec![INVITE.to_vec(), COMPACT.to_vec(), FOLDED.to_vec()];
+    files.extend(extra.iter().map(|e| e.to_vec()));
     corpus_files(
         std::path::Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -440,11 +449,17 @@ fn decode_scanned_matches_decode_then_parse() {
         &mut files,
     );
     assert!(files.len() > 100, "only {} corpus files", files.len());
-    let tight = Limits {
-        max_header_bytes: 300,
-        max_body_bytes: 100,
-        max_headers: 8,
-    };
+    files
+}
+
+/// The one-walk fast path gives exactly what `decode` then `parse_with`
+/// give (same units, same scanned offsets, same errors), for every corpus
+/// file (valid, invalid, RFC 5118), alone and pipelined, with keep-alives,
+/// under tight limits too, however the input is split.
+#[test]
+fn decode_scanned_matches_decode_then_parse() {
+    let files = samples_and_corpus(&[]);
+    let tight = TIGHT;
     for f in &files {
         let mut twice = b"\r\n\r\n".to_vec();
         twice.extend_from_slice(f);
@@ -468,4 +483,30 @@ fn decode_scanned_matches_decode_then_parse() {
             "1 byte at a time"
         );
     }
+}
+
+/// `frame_datagram_scanned` agrees with `frame_datagram` then `parse_with`
+/// on every corpus file (valid, invalid, RFC 5118) as a datagram, with
+/// bytes after it, cut short, as keep-alives, under tight limits too.
+#[test]
+fn frame_datagram_scanned_matches_frame_then_parse() {
+    let files = samples_and_corpus(&[b"\r\n\r\n", b"\r\n", b""]);
+    let tight = TIGHT;
+    let mut fast = 0;
+    for f in &files {
+        let mut trailing = f.clone();
+        trailing.extend_from_slice(b"garbage after the message");
+        let short = &f[..f.len() / 2];
+        for input in [&f[..], &trailing[..], short] {
+            for limits in [Limits::default(), tight] {
+                let datagram = Bytes::copy_from_slice(input);
+                let expected = frame_datagram(datagram.clone(), &limits)
+                    .map(|framed| unit_of_framed(framed, &limits));
+                let got = frame_datagram_scanned(datagram, &limits).map(unit_of_scanned);
+                assert_eq!(got, expected, "{}", String::from_utf8_lossy(input));
+                fast += usize::from(matches!(got, Ok(Unit::Message(..))));
+            }
+        }
+    }
+    assert!(fast > 100, "only {fast} datagrams scanned as messages");
 }

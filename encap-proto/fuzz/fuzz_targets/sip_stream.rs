@@ -5,8 +5,8 @@
 
 use bytes::{Bytes, BytesMut};
 use encap_proto::sip::{
-    frame_datagram, Framed, FramingError, Limits, Rewrite, Scanned, ScanError, SipMessage,
-    StartLine, StreamFramer, Uri, UriTarget,
+    frame_datagram, frame_datagram_scanned, Framed, FramingError, Limits, Rewrite, ScanError,
+    Scanned, SipMessage, StartLine, StreamFramer, Uri, UriTarget,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -57,6 +57,17 @@ fn unit_of_framed(f: Framed, limits: &Limits) -> Unit {
     }
 }
 
+/// A unit as the one-walk paths (`decode_scanned`, `frame_datagram_scanned`)
+/// give it.
+fn unit_of_scanned(s: Scanned) -> Unit {
+    match s {
+        Scanned::Message(msg) => Unit::Message(msg.bytes().clone(), format!("{msg:?}")),
+        Scanned::Invalid { message, error } => Unit::Invalid(message, error),
+        Scanned::Ping => Unit::Ping,
+        Scanned::Pong => Unit::Pong,
+    }
+}
+
 /// The one-walk `decode_scanned` over `chunks` (`decode_eof` at the end).
 fn run_scanned(
     chunks: &mut dyn Iterator<Item = &[u8]>,
@@ -69,14 +80,7 @@ fn run_scanned(
         buf.extend_from_slice(c);
         loop {
             match framer.decode_scanned(&mut buf) {
-                Ok(Some(Scanned::Message(m))) => {
-                    out.push(Unit::Message(m.bytes().clone(), format!("{m:?}")))
-                }
-                Ok(Some(Scanned::Invalid { message, error })) => {
-                    out.push(Unit::Invalid(message, error))
-                }
-                Ok(Some(Scanned::Ping)) => out.push(Unit::Ping),
-                Ok(Some(Scanned::Pong)) => out.push(Unit::Pong),
+                Ok(Some(s)) => out.push(unit_of_scanned(s)),
                 Ok(None) => break,
                 Err(e) => return (out, Some(e)),
             }
@@ -187,13 +191,22 @@ fuzz_target!(|data: &[u8]| {
         whole.1.clone(),
     );
     let scanned = run_scanned(&mut input.chunks(chunk), limits);
-    assert_eq!(scanned, parsed, "decode_scanned differs from decode + parse");
+    assert_eq!(
+        scanned, parsed,
+        "decode_scanned differs from decode + parse"
+    );
     for f in whole.0 {
         if let Framed::Message(m) = f {
             exercise(m);
         }
     }
-    if let Ok(Framed::Message(m)) = frame_datagram(Bytes::copy_from_slice(input), &limits) {
+    let datagram = Bytes::copy_from_slice(input);
+    let framed = frame_datagram(datagram.clone(), &limits);
+    // The one-walk datagram path gives what frame_datagram + parse_with give.
+    let expected = framed.clone().map(|f| unit_of_framed(f, &limits));
+    let got = frame_datagram_scanned(datagram, &limits).map(unit_of_scanned);
+    assert_eq!(got, expected, "frame_datagram_scanned disagrees");
+    if let Ok(Framed::Message(m)) = framed {
         exercise(m);
     }
 });

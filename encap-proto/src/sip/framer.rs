@@ -372,6 +372,49 @@ fn keep_alive(buf: &[u8]) -> KeepAlive {
     }
 }
 
+/// [`frame_datagram`] and [`SipMessage::parse_with`] in one: the same
+/// units and errors, but a datagram holding a clean message is walked once
+/// (the scan finds the end of the header section and Content-Length as it
+/// goes) instead of three times.
+///
+/// A framing error drops the datagram, as for `frame_datagram`; a message
+/// that frames but does not scan is [`Scanned::Invalid`].
+///
+/// ```
+/// use bytes::Bytes;
+/// use encap_proto::sip::{frame_datagram_scanned, Limits, Scanned};
+///
+/// let datagram = Bytes::from_static(b"OPTIONS sip:a@example.com SIP/2.0\r\ni: x1\r\n\r\n");
+/// match frame_datagram_scanned(datagram, &Limits::default())? {
+///     Scanned::Message(msg) => assert_eq!(msg.call_id(), Some(&b"x1"[..])),
+///     other => panic!("{other:?}"),
+/// }
+/// # Ok::<(), encap_proto::sip::FramingError>(())
+/// ```
+pub fn frame_datagram_scanned(datagram: Bytes, limits: &Limits) -> Result<Scanned, FramingError> {
+    if !matches!(&datagram[..], b"\r\n\r\n" | b"\r\n") {
+        let mut msg = SipMessage::blank();
+        if let Some(total) = msg.scan_datagram(&datagram, limits) {
+            // The scan enforced max_header_bytes and that the body announced
+            // is there; the body limit is checked here.
+            if msg.body_len() <= limits.max_body_bytes {
+                let mut datagram = datagram;
+                datagram.truncate(total);
+                msg.set_bytes(datagram);
+                return Ok(Scanned::Message(msg));
+            }
+        }
+    }
+    Ok(match frame_datagram(datagram, limits)? {
+        Framed::Ping => Scanned::Ping,
+        Framed::Pong => Scanned::Pong,
+        Framed::Message(message) => match SipMessage::parse_with(message.clone(), limits) {
+            Ok(msg) => Scanned::Message(msg),
+            Err(error) => Scanned::Invalid { message, error },
+        },
+    })
+}
+
 /// Frames one datagram: a keep-alive (`CRLFCRLF` or `CRLF` alone) or one
 /// message. Content-Length is optional; bytes after the body it announces are
 /// dropped.

@@ -44,13 +44,16 @@
 //! ```
 
 pub mod codec;
+mod find;
 pub mod framer;
 pub mod response;
 pub mod rewrite;
 pub mod scan;
 
 pub use codec::{SipCodecError, SipStreamCodec};
-pub use framer::{frame_datagram, Framed, FramingError, Scanned, StreamFramer};
+pub use framer::{
+    frame_datagram, frame_datagram_scanned, Framed, FramingError, Scanned, StreamFramer,
+};
 pub use rewrite::{Rewrite, UriTarget};
 pub use scan::{CSeq, NameAddr, ScanError, SipMessage, StartLine, Uri, Via};
 

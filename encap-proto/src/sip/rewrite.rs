@@ -125,7 +125,7 @@ impl<'m> Rewrite<'m> {
         let q = NameQuery::new(name);
         let msg = self.msg;
         let buf = &msg.bytes()[..];
-        for f in msg.fields().flatten() {
+        for f in msg.fields_for(name).flatten() {
             if q.matches(&buf[f.name.clone()]) {
                 self.splice(f.line.start, f.line.end, &[]);
             }
@@ -162,33 +162,44 @@ impl<'m> Rewrite<'m> {
     /// Sets a parameter of the top via-parm: replaces its value if present
     /// (e.g. fills a bare `;rport`), else appends `;name[=value]`.
     pub fn set_top_via_param(&mut self, name: &str, value: Option<&[u8]>) -> &mut Self {
+        self.set_top_via_params(&[(name, value)])
+    }
+
+    /// [`Rewrite::set_top_via_param`] for several parameters at once (one
+    /// reading of the Via; `received` and `rport` together on ingress).
+    /// Appended parameters keep the order of `params`.
+    pub fn set_top_via_params(&mut self, params: &[(&str, Option<&[u8]>)]) -> &mut Self {
         let msg = self.msg;
         let whole = &msg.bytes()[..];
         let Some(via) = msg.top_via() else {
-            self.skipped += 1;
+            self.skipped += params.len();
             return self;
         };
-        if !self.param_ok(name, value) {
-            return self;
-        }
-        let base = offset_in(via.params, whole);
-        let mut found = None;
+        let mut found: SmallVec<[Option<std::ops::Range<usize>>; 4]> =
+            params.iter().map(|_| None).collect();
         let _ = scan_params(via.params, 0, |p| {
-            if found.is_none() && via.params[p.name.clone()].eq_ignore_ascii_case(name.as_bytes()) {
-                found = Some(p.name.start..p.value.map_or(p.name.end, |v| v.end));
+            let name = &via.params[p.name.clone()];
+            for (slot, (want, _)) in found.iter_mut().zip(params) {
+                if slot.is_none() && name.eq_ignore_ascii_case(want.as_bytes()) {
+                    *slot = Some(p.name.start..p.value.as_ref().map_or(p.name.end, |v| v.end));
+                }
             }
         });
-        let text_val = value.unwrap_or_default();
-        let eq: &[u8] = if value.is_some() { b"=" } else { b"" };
-        match found {
-            Some(r) => self.splice(
-                base + r.start,
-                base + r.end,
-                &[name.as_bytes(), eq, text_val],
-            ),
-            None => {
-                let at = offset_in(via.raw, whole) + via.raw.len();
-                self.splice(at, at, &[b";", name.as_bytes(), eq, text_val]);
+        let base = offset_in(via.params, whole);
+        let at = offset_in(via.raw, whole) + via.raw.len();
+        for (&(name, value), slot) in params.iter().zip(found) {
+            if !self.param_ok(name, value) {
+                continue;
+            }
+            let text_val = value.unwrap_or_default();
+            let eq: &[u8] = if value.is_some() { b"=" } else { b"" };
+            match slot {
+                Some(r) => self.splice(
+                    base + r.start,
+                    base + r.end,
+                    &[name.as_bytes(), eq, text_val],
+                ),
+                None => self.splice(at, at, &[b";", name.as_bytes(), eq, text_val]),
             }
         }
         self
@@ -343,7 +354,7 @@ impl<'m> Rewrite<'m> {
         };
         let q = NameQuery::new("Via");
         let Some(field) = msg
-            .fields()
+            .fields_for("Via")
             .flatten()
             .find(|f| q.matches(&buf[f.name.clone()]))
         else {

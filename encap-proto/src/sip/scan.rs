@@ -51,7 +51,9 @@
 use std::ops::Range;
 
 use bytes::Bytes;
-use memchr::{memchr, memmem};
+use memchr::memmem;
+
+use super::find::find;
 
 use super::Limits;
 
@@ -246,10 +248,10 @@ impl<'a> Fields<'a> {
 /// End of the physical line starting at `p` in `buf[..end]`: (content end,
 /// next line start). Lines end at CRLF only: a bare LF or CR is part of the
 /// line (the framer and the scanner must agree on line boundaries).
-#[inline]
+#[inline(always)]
 pub(crate) fn crlf_line_end(buf: &[u8], p: usize, end: usize) -> (usize, usize) {
     let mut from = p;
-    while let Some(off) = memchr(b'\n', &buf[from..end]) {
+    while let Some(off) = find(b'\n', &buf[from..end]) {
         let lf = from + off;
         if lf > p && buf[lf - 1] == b'\r' {
             return (lf - 1, lf + 1);
@@ -282,7 +284,7 @@ impl Iterator for Fields<'_> {
         let colon = if name_end > start && i < end && buf[i] == b':' {
             i
         } else {
-            let Some(colon) = memchr(b':', &buf[start..first_end]).map(|c| start + c) else {
+            let Some(colon) = find(b':', &buf[start..first_end]).map(|c| start + c) else {
                 self.pos = skip_continuations(buf, next, end);
                 return Some(Err(FieldError));
             };
@@ -485,7 +487,7 @@ pub(crate) struct NameQuery<'a> {
 
 impl<'a> NameQuery<'a> {
     pub(crate) fn new(name: &'a str) -> Self {
-        let n = name.trim().as_bytes();
+        let n = name.as_bytes().trim_ascii();
         if n.len() == 1 {
             let c = n[0].to_ascii_lowercase();
             if let Some(&(_, long)) = COMPACT.iter().find(|(s, _)| *s == c) {
@@ -545,6 +547,38 @@ pub(crate) fn scan_params(
     mut f: impl FnMut(Param),
 ) -> Result<usize, &'static str> {
     loop {
+        // Fast path: `;name=value` or `;name` without LWS, a plain value, and
+        // (without a value) ';', ',' or the end next; what the general steps
+        // below find too. Anything else goes through them from `i`.
+        if s.get(i) == Some(&b';') {
+            let ns = i + 1;
+            let ne = ns + token_run(&s[ns..]);
+            if ne > ns {
+                match s.get(ne) {
+                    Some(b'=') => {
+                        let vs = ne + 1;
+                        let ve = vs + run_len(&s[vs..], &PVALUE);
+                        if ve > vs {
+                            f(Param {
+                                name: ns..ne,
+                                value: Some(vs..ve),
+                            });
+                            i = ve;
+                            continue;
+                        }
+                    }
+                    Some(b';' | b',') | None => {
+                        f(Param {
+                            name: ns..ne,
+                            value: None,
+                        });
+                        i = ne;
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+        }
         i = skip_lws(s, i);
         if i >= s.len() || s[i] == b',' {
             return Ok(i);
@@ -605,10 +639,10 @@ pub(crate) fn uri_params(
                 continue;
             }
             let start = pos;
-            let end = memchr(b';', &region[pos..]).map_or(region.len(), |e| pos + e);
+            let end = find(b';', &region[pos..]).map_or(region.len(), |e| pos + e);
             pos = end;
             let item = &region[start..end];
-            return Some(match memchr(b'=', item) {
+            return Some(match find(b'=', item) {
                 Some(eq) => (&item[..eq], Some(&item[eq + 1..]), start..end),
                 None => (item, None, start..end),
             });
@@ -717,7 +751,7 @@ static PVALUE: [bool; 256] = pvalue_table();
 /// Scans a host (`[IPv6]` or hostname/IPv4) at `s[i..]`, returning its end.
 pub(crate) fn scan_host(s: &[u8], i: usize) -> Result<usize, &'static str> {
     if i < s.len() && s[i] == b'[' {
-        let close = memchr(b']', &s[i..]).ok_or("unterminated IPv6 reference")? + i;
+        let close = find(b']', &s[i..]).ok_or("unterminated IPv6 reference")? + i;
         let inner = &s[i + 1..close];
         if inner.is_empty()
             || !inner
@@ -735,11 +769,20 @@ pub(crate) fn scan_host(s: &[u8], i: usize) -> Result<usize, &'static str> {
     Ok(j)
 }
 
+/// 1 to 5 digits, at most 65535.
 fn parse_port(s: &[u8]) -> Result<u16, &'static str> {
-    match parse_u64(s) {
-        Some(p) if p <= u64::from(u16::MAX) && s.len() <= 5 => Ok(p as u16),
-        _ => Err("invalid port"),
+    if s.is_empty() || s.len() > 5 {
+        return Err("invalid port");
     }
+    let mut v = 0u32;
+    for &b in s {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            return Err("invalid port");
+        }
+        v = v * 10 + u32::from(d);
+    }
+    u16::try_from(v).map_err(|_| "invalid port")
 }
 
 fn scan_token(s: &[u8], i: usize) -> usize {
@@ -749,30 +792,65 @@ fn scan_token(s: &[u8], i: usize) -> usize {
 /// Parses the via-parm at `s[i..]`; returns it and the index after its
 /// terminating `,` (or `s.len()`).
 pub(crate) fn parse_via(s: &[u8], i: usize) -> Result<(Via<'_>, usize), &'static str> {
+    let (v, next) = parse_via_spans(s, i)?;
+    Ok((v.get(s), next))
+}
+
+/// Whether `name` is `lower` (ASCII letters, lower case) in any case: `b |
+/// 0x20` maps exactly the two cases of a letter onto the lower one.
+#[inline(always)]
+fn is_name(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len() && name.iter().zip(lower).all(|(&a, &b)| a | 0x20 == b)
+}
+
+/// [`parse_via`] as offsets into `s` (`s` is at most a message long, so
+/// they fit the spans' `u32`): the scan keeps them with one addition each.
+fn parse_via_spans(s: &[u8], i: usize) -> Result<(ViaSpans, usize), &'static str> {
     let start = skip_lws(s, i);
-    let mut parts: [&[u8]; 3] = [&[], &[], &[]];
+    let mut parts = [0..0, 0..0, 0..0];
     let mut j = start;
-    for (k, part) in parts.iter_mut().enumerate() {
-        if k > 0 {
-            j = skip_lws(s, j);
-            if j >= s.len() || s[j] != b'/' {
+    // Fast path: the sent-protocol almost always starts `SIP/2.0/` and a
+    // token follows (the general loop splits it the same way).
+    let fast = match s.get(start..start + 12) {
+        // The usual three-letter transport (UDP, TCP, TLS, WSS) and its SP.
+        Some([b'S', b'I', b'P', b'/', b'2', b'.', b'0', b'/', t0, t1, t2, b' '])
+            if is_token(*t0) && is_token(*t1) && is_token(*t2) =>
+        {
+            Some(start + 11)
+        }
+        Some([b'S', b'I', b'P', b'/', b'2', b'.', b'0', b'/', ..]) => {
+            Some(scan_token(s, start + 8)).filter(|&e| e > start + 8)
+        }
+        _ => match s.get(start..start + 8) {
+            Some(b"SIP/2.0/") => Some(scan_token(s, start + 8)).filter(|&e| e > start + 8),
+            _ => None,
+        },
+    };
+    if let Some(e) = fast {
+        parts = [start..start + 3, start + 4..start + 7, start + 8..e];
+        j = e;
+    } else {
+        for (k, part) in parts.iter_mut().enumerate() {
+            if k > 0 {
+                j = skip_lws(s, j);
+                if j >= s.len() || s[j] != b'/' {
+                    return Err("sent-protocol is not name/version/transport");
+                }
+                j = skip_lws(s, j + 1);
+            }
+            let e = scan_token(s, j);
+            if e == j {
                 return Err("sent-protocol is not name/version/transport");
             }
-            j = skip_lws(s, j + 1);
+            *part = j..e;
+            j = e;
         }
-        let e = scan_token(s, j);
-        if e == j {
-            return Err("sent-protocol is not name/version/transport");
-        }
-        *part = &s[j..e];
-        j = e;
     }
     let h = skip_lws(s, j);
     if h == j {
         return Err("no whitespace between sent-protocol and sent-by");
     }
     let he = scan_host(s, h)?;
-    let host = &s[h..he];
     let mut j = skip_lws(s, he);
     let mut port = None;
     if j < s.len() && s[j] == b':' {
@@ -785,43 +863,56 @@ pub(crate) fn parse_via(s: &[u8], i: usize) -> Result<(Via<'_>, usize), &'static
         j = pe;
     }
     let params_start = skip_lws(s, j);
-    let mut branch = None;
-    let mut received = None;
-    let mut rport: Option<Option<&[u8]>> = None;
+    // (name's first occurrence, its value); `Some(None)`: without a value.
+    let mut branch: Option<Option<Range<usize>>> = None;
+    let mut received: Option<Option<Range<usize>>> = None;
+    let mut rport: Option<Option<Range<usize>>> = None;
     let end = scan_params(s, j, |p| {
         let n = &s[p.name.clone()];
-        let v = p.value.map(|v| &s[v]);
-        if eq_ic(n, b"branch") && branch.is_none() {
-            branch = Some(v.unwrap_or_default());
-        } else if eq_ic(n, b"received") && received.is_none() {
-            received = Some(v.unwrap_or_default());
-        } else if eq_ic(n, b"rport") && rport.is_none() {
-            rport = Some(v);
+        let slot = match n.len() {
+            6 if is_name(n, b"branch") => &mut branch,
+            8 if is_name(n, b"received") => &mut received,
+            5 if is_name(n, b"rport") => &mut rport,
+            _ => return,
+        };
+        if slot.is_none() {
+            *slot = Some(p.value);
         }
     })?;
     let rport = match rport {
         None => None,
         Some(None) => Some(None),
-        Some(Some(v)) => Some(Some(parse_port(v).map_err(|_| "invalid rport")?)),
+        Some(Some(v)) => Some(Some(parse_port(&s[v]).map_err(|_| "invalid rport")?)),
     };
-    if branch == Some(&[][..]) || received == Some(&[][..]) {
-        return Err("branch/received without a value");
+    let valued = |p: Option<Option<Range<usize>>>| match p {
+        None => Ok(None),
+        Some(Some(v)) => Ok(Some(Span::new(v))),
+        Some(None) => Err("branch/received without a value"),
+    };
+    let (branch, received) = (valued(branch)?, valued(received)?);
+    // `start` and `params_start` are past any LWS; trim the end.
+    let mut raw_end = end;
+    while raw_end > start && is_lws(s[raw_end - 1]) {
+        raw_end -= 1;
     }
-    let raw = trim_lws(&s[start..end]);
-    let params = trim_lws(&s[params_start.min(end)..end]);
+    let params = if params_start < end {
+        Span::new(params_start..raw_end)
+    } else {
+        Span::new(end..end)
+    };
     let next = if end < s.len() { end + 1 } else { end };
     Ok((
-        Via {
-            protocol: parts[0],
-            version: parts[1],
-            transport: parts[2],
-            host,
+        ViaSpans {
+            protocol: Span::new(parts[0].clone()),
+            version: Span::new(parts[1].clone()),
+            transport: Span::new(parts[2].clone()),
+            host: Span::new(h..he),
             port,
             branch,
             received,
             rport,
             params,
-            raw,
+            raw: Span::new(start..raw_end),
         },
         next,
     ))
@@ -867,7 +958,107 @@ impl<'a> Uri<'a> {
 }
 
 pub(crate) fn parse_uri(raw: &[u8]) -> Result<Uri<'_>, &'static str> {
-    let colon = memchr(b':', raw).ok_or("no scheme")?;
+    match parse_sip_uri_fast(raw) {
+        Some(uri) => Ok(uri.get(raw)),
+        None => parse_uri_general(raw),
+    }
+}
+
+/// [`parse_uri`] as offsets into `raw`.
+fn parse_uri_spans(raw: &[u8]) -> Result<UriSpans, &'static str> {
+    match parse_sip_uri_fast(raw) {
+        Some(uri) => Ok(uri),
+        None => parse_uri_general(raw).map(|u| UriSpans::of(&u, raw)),
+    }
+}
+
+/// Bytes of a URI for [`parse_sip_uri_fast`]: bit 0 for a byte the general
+/// parser rejects (controls, SP, DEL, `<`, `>`, `"`) and for `?` and `[`
+/// (headers and IPv6 references are left to it), bit 1 for `@`.
+static URI_FAST: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        if b < 0x21 || matches!(b, 0x7f | b'<' | b'>' | b'"' | b'?' | b'[') {
+            t[i] = 1;
+        }
+        i += 1;
+    }
+    t[b'@' as usize] = 2;
+    t
+};
+
+/// [`parse_uri`] for the usual shape: a lower-case `sip:` or `sips:`
+/// scheme, a hostname or IPv4 host, no `?` headers, as offsets into `raw`.
+/// One pass through [`URI_FAST`] checks the characters and notes an `@`
+/// (on URIs of 20 to 60 bytes a table lookup per byte costs less than the
+/// vectorised comparison with its remainder loops), then the parts are
+/// split as [`parse_uri_general`] splits them. `None` means "not this
+/// shape, or malformed": the general parser then decides (and names the
+/// error).
+fn parse_sip_uri_fast(raw: &[u8]) -> Option<UriSpans> {
+    let scheme_len = if raw.starts_with(b"sip:") {
+        3
+    } else if raw.starts_with(b"sips:") {
+        4
+    } else {
+        return None;
+    };
+    let flags = raw.iter().fold(0u8, |m, &b| m | URI_FAST[b as usize]);
+    if flags & 1 != 0 {
+        return None;
+    }
+    let rest_at = scheme_len + 1;
+    let rest = &raw[rest_at..];
+    let (user, hp_start) = if flags & 2 != 0 {
+        let at = find(b'@', rest)?;
+        let user_len = find(b':', &rest[..at]).unwrap_or(at);
+        if user_len == 0 {
+            return None;
+        }
+        (Some(Span::new(rest_at..rest_at + user_len)), at + 1)
+    } else {
+        (None, 0)
+    };
+    let hp_at = rest_at + hp_start;
+    let hp = &rest[hp_start..];
+    let he = run_len(hp, &HOST);
+    if he == 0 {
+        return None;
+    }
+    let mut j = he;
+    let mut port = None;
+    if hp.get(j) == Some(&b':') {
+        let ps = j + 1;
+        let pe = ps + hp[ps..].iter().take_while(|b| b.is_ascii_digit()).count();
+        port = Some(parse_port(&hp[ps..pe]).ok()?);
+        j = pe;
+    }
+    let params = &hp[j..];
+    if let Some((&first, tail)) = params.split_first() {
+        // Every ';' starts a parameter with a non-empty name.
+        let empty_name = params.iter().zip(tail).fold(false, |bad, (&a, &b)| {
+            bad | ((a == b';') & ((b == b';') | (b == b'=')))
+        });
+        if first != b';' || params.last() == Some(&b';') || empty_name {
+            return None;
+        }
+    }
+    Some(UriSpans {
+        scheme: Span::new(0..scheme_len),
+        user,
+        host: Span::new(hp_at..hp_at + he),
+        port,
+        params: Span::new(hp_at + j..raw.len()),
+        headers: None,
+        raw: Span::new(0..raw.len()),
+    })
+}
+
+/// [`parse_uri`] for any URI, with the reason of a rejection.
+fn parse_uri_general(raw: &[u8]) -> Result<Uri<'_>, &'static str> {
+    let colon = find(b':', raw).ok_or("no scheme")?;
     let scheme = &raw[..colon];
     if scheme.is_empty()
         || !scheme[0].is_ascii_alphabetic()
@@ -899,10 +1090,10 @@ pub(crate) fn parse_uri(raw: &[u8]) -> Result<Uri<'_>, &'static str> {
             raw,
         });
     }
-    let (user, hp_start) = match memchr(b'@', rest) {
+    let (user, hp_start) = match find(b'@', rest) {
         Some(at) => {
             let userinfo = &rest[..at];
-            let user = memchr(b':', userinfo).map_or(userinfo, |c| &userinfo[..c]);
+            let user = find(b':', userinfo).map_or(userinfo, |c| &userinfo[..c]);
             if user.is_empty() {
                 return Err("empty user part");
             }
@@ -924,14 +1115,14 @@ pub(crate) fn parse_uri(raw: &[u8]) -> Result<Uri<'_>, &'static str> {
         port = Some(parse_port(&hp[ps..pe])?);
         j = pe;
     }
-    let q = memchr(b'?', &hp[j..]).map_or(hp.len(), |q| j + q);
+    let q = find(b'?', &hp[j..]).map_or(hp.len(), |q| j + q);
     let params = &hp[j..q];
     if !params.is_empty() {
         if params[0] != b';' {
             return Err("unexpected character after host");
         }
         if params[1..].split(|&b| b == b';').any(|p| {
-            let name = memchr(b'=', p).map_or(p, |e| &p[..e]);
+            let name = find(b'=', p).map_or(p, |e| &p[..e]);
             name.is_empty()
         }) {
             return Err("empty URI parameter");
@@ -1008,7 +1199,7 @@ pub(crate) fn parse_name_addr(s: &[u8], i: usize) -> Result<(NameAddr<'_>, usize
         }
     }
     if j < s.len() && s[j] == b'<' {
-        let close = memchr(b'>', &s[j..]).ok_or("'<' without '>'")? + j;
+        let close = find(b'>', &s[j..]).ok_or("'<' without '>'")? + j;
         if s[j + 1..close].iter().any(|&b| is_lws(b)) {
             return Err("whitespace inside '<>'");
         }
@@ -1020,7 +1211,7 @@ pub(crate) fn parse_name_addr(s: &[u8], i: usize) -> Result<(NameAddr<'_>, usize
         while e < s.len() && !matches!(s[e], b';' | b',' | b' ' | b'\t' | b'\r' | b'\n') {
             e += 1;
         }
-        if memchr(b'?', &s[j..e]).is_some() {
+        if find(b'?', &s[j..e]).is_some() {
             return Err("URI with '?' headers must be enclosed in '<>'");
         }
         uri_range = j..e;
@@ -1086,6 +1277,24 @@ struct UriSpans {
 }
 
 impl UriSpans {
+    /// The spans moved `by` bytes on.
+    fn shifted(self, by: usize) -> Self {
+        let by = by as u32;
+        let sh = |s: Span| Span {
+            start: s.start + by,
+            end: s.end + by,
+        };
+        UriSpans {
+            scheme: sh(self.scheme),
+            user: self.user.map(sh),
+            host: sh(self.host),
+            port: self.port,
+            params: sh(self.params),
+            headers: self.headers.map(sh),
+            raw: sh(self.raw),
+        }
+    }
+
     fn of(u: &Uri<'_>, base: &[u8]) -> Self {
         UriSpans {
             scheme: Span::of(u.scheme, base),
@@ -1126,18 +1335,24 @@ struct ViaSpans {
 }
 
 impl ViaSpans {
-    fn of(v: &Via<'_>, base: &[u8]) -> Self {
+    /// The spans moved `by` bytes on (from a header value to the message).
+    fn shifted(self, by: usize) -> Self {
+        let by = by as u32;
+        let sh = |s: Span| Span {
+            start: s.start + by,
+            end: s.end + by,
+        };
         ViaSpans {
-            protocol: Span::of(v.protocol, base),
-            version: Span::of(v.version, base),
-            transport: Span::of(v.transport, base),
-            host: Span::of(v.host, base),
-            port: v.port,
-            branch: v.branch.map(|s| Span::of(s, base)),
-            received: v.received.map(|s| Span::of(s, base)),
-            rport: v.rport,
-            params: Span::of(v.params, base),
-            raw: Span::of(v.raw, base),
+            protocol: sh(self.protocol),
+            version: sh(self.version),
+            transport: sh(self.transport),
+            host: sh(self.host),
+            port: self.port,
+            branch: self.branch.map(sh),
+            received: self.received.map(sh),
+            rport: self.rport,
+            params: sh(self.params),
+            raw: sh(self.raw),
         }
     }
     fn get(self, b: &[u8]) -> Via<'_> {
@@ -1203,14 +1418,42 @@ pub struct SipMessage {
     header_count: u32,
     /// Offset of the first header line whose name starts with `X-Viaduct-`.
     viaduct: Option<u32>,
+    /// Where the Via, Route and Max-Forwards lines are: a walk for all of
+    /// one (Via walks, Route and Max-Forwards removal) covers only them.
+    via_lines: Lines,
+    route_lines: Lines,
+    max_forwards_lines: Lines,
+}
+
+/// The header lines of one kind: the first's start, the last's end (past
+/// its CRLF), how many (0: none, the range is empty).
+#[derive(Debug, Clone, Copy, Default)]
+struct Lines {
+    start: u32,
+    end: u32,
+    count: u32,
+}
+
+impl Lines {
+    #[inline]
+    fn add(&mut self, start: usize, end: usize) {
+        if self.count == 0 {
+            self.start = start as u32;
+        }
+        self.end = end as u32;
+        self.count += 1;
+    }
 }
 
 fn is_version(v: &[u8]) -> bool {
+    if v == b"SIP/2.0" {
+        return true;
+    }
     if v.len() < 7 || !eq_ic(&v[..4], b"SIP/") {
         return false;
     }
     let rest = &v[4..];
-    match memchr(b'.', rest) {
+    match find(b'.', rest) {
         Some(d) => {
             d > 0
                 && d + 1 < rest.len()
@@ -1224,12 +1467,12 @@ fn is_version(v: &[u8]) -> bool {
 fn parse_start_line(line: &[u8]) -> Result<StartSpans, ScanError> {
     let bad = |reason| ScanError::InvalidStartLine { reason };
     if line.len() >= 4 && eq_ic(&line[..4], b"SIP/") {
-        let sp = memchr(b' ', line).ok_or(bad("status line has no status code"))?;
+        let sp = find(b' ', line).ok_or(bad("status line has no status code"))?;
         if !is_version(&line[..sp]) {
             return Err(bad("status line version is not SIP/x.y"));
         }
         let rest = &line[sp + 1..];
-        let code_end = memchr(b' ', rest).unwrap_or(rest.len());
+        let code_end = find(b' ', rest).unwrap_or(rest.len());
         let code = &rest[..code_end];
         if code.len() != 3 || !code.iter().all(u8::is_ascii_digit) {
             return Err(bad("status code is not 3 digits"));
@@ -1253,18 +1496,18 @@ fn parse_start_line(line: &[u8]) -> Result<StartSpans, ScanError> {
             version: Span::new(0..sp),
         });
     }
-    let sp1 = memchr(b' ', line).ok_or(bad("request line has no Request-URI"))?;
+    let sp1 = find(b' ', line).ok_or(bad("request line has no Request-URI"))?;
     if sp1 == 0 || !line[..sp1].iter().all(|&b| is_token(b)) {
         return Err(bad("method is not a token"));
     }
-    let sp2 = memchr(b' ', &line[sp1 + 1..])
+    let sp2 = find(b' ', &line[sp1 + 1..])
         .map(|o| sp1 + 1 + o)
         .ok_or(bad("request line has no SIP version"))?;
     if sp2 == sp1 + 1 {
         return Err(bad("more than one SP between method and Request-URI"));
     }
     let version = &line[sp2 + 1..];
-    if memchr(b' ', version).is_some() || version.is_empty() {
+    if find(b' ', version).is_some() || version.is_empty() {
         return Err(bad(
             "extra SP in the request line (whitespace in the Request-URI or after the version)",
         ));
@@ -1272,11 +1515,11 @@ fn parse_start_line(line: &[u8]) -> Result<StartSpans, ScanError> {
     if !is_version(version) {
         return Err(bad("request line version is not SIP/x.y"));
     }
-    let uri =
-        parse_uri(&line[sp1 + 1..sp2]).map_err(|reason| ScanError::InvalidRequestUri { reason })?;
+    let uri = parse_uri_spans(&line[sp1 + 1..sp2])
+        .map_err(|reason| ScanError::InvalidRequestUri { reason })?;
     Ok(StartSpans::Request {
         method: Span::new(0..sp1),
-        uri: UriSpans::of(&uri, line),
+        uri: uri.shifted(sp1 + 1),
         version: Span::new(sp2 + 1..line.len()),
     })
 }
@@ -1342,7 +1585,7 @@ fn header_params_start(v: &[u8]) -> Option<usize> {
     while i < v.len() {
         match v[i] {
             b'"' => i = quoted_end(v, i).ok()?,
-            b'<' => return Some(memchr(b'>', &v[i..])? + i + 1),
+            b'<' => return Some(find(b'>', &v[i..])? + i + 1),
             b';' | b',' => return Some(i),
             _ => i += 1,
         }
@@ -1351,8 +1594,36 @@ fn header_params_start(v: &[u8]) -> Option<usize> {
 }
 
 /// The value of the `tag` header parameter of a From/To value, if any.
+///
+/// Fast path for the usual shapes, `<uri>;tag=x` and `display <uri>;tag=x`
+/// with an unquoted display name of token chars and spaces: the parameters
+/// start after the first `>`, and when the first one is `;tag=` followed by
+/// a non-empty unquoted value, that value is the answer (what
+/// [`scan_params`] reports first). Anything else takes the general scan.
 fn find_tag(v: &[u8]) -> Option<Range<usize>> {
-    let ps = header_params_start(v)?;
+    if let Some(lt) = find(b'<', v) {
+        if v[..lt].iter().all(|&b| is_token(b) || b == b' ') {
+            let gt = find(b'>', &v[lt..])? + lt;
+            let ps = gt + 1;
+            match v.get(ps..ps + 5) {
+                None => return None,
+                Some([b';', t, a, g, b'=']) if [*t, *a, *g].eq_ignore_ascii_case(b"tag") => {
+                    let vs = ps + 5;
+                    let ve = vs + run_len(&v[vs..], &PVALUE);
+                    if ve > vs {
+                        return Some(vs..ve);
+                    }
+                }
+                _ => {}
+            }
+            return find_tag_from(v, ps);
+        }
+    }
+    find_tag_from(v, header_params_start(v)?)
+}
+
+/// The `tag` parameter among the header parameters of `v` starting at `ps`.
+fn find_tag_from(v: &[u8], ps: usize) -> Option<Range<usize>> {
     let mut found: Option<Option<Range<usize>>> = None;
     let _ = scan_params(v, ps, |p| {
         if found.is_none() && eq_ic(&v[p.name.clone()], b"tag") {
@@ -1388,7 +1659,7 @@ fn termination_error(buf: &[u8], limits: &Limits) -> Option<ScanError> {
 #[cold]
 fn field_error(buf: &[u8], start: usize, line: usize, count: usize, limits: &Limits) -> ScanError {
     let (first_end, _) = crlf_line_end(buf, start, buf.len());
-    let Some(colon) = memchr(b':', &buf[start..first_end]).map(|c| start + c) else {
+    let Some(colon) = find(b':', &buf[start..first_end]).map(|c| start + c) else {
         return ScanError::MissingColon { line };
     };
     let mut name_end = colon;
@@ -1491,6 +1762,9 @@ impl SipMessage {
             content_length: None,
             header_count: 0,
             viaduct: None,
+            via_lines: Lines::default(),
+            route_lines: Lines::default(),
+            max_forwards_lines: Lines::default(),
         }
     }
 
@@ -1509,6 +1783,21 @@ impl SipMessage {
         }
         self.scan(buf, limits).ok()?;
         self.content_length?;
+        Some(self.body.end as usize)
+    }
+
+    /// The datagram framer's fast path: scans a whole datagram into `self`
+    /// (from [`SipMessage::blank`]) and, if it scans cleanly, returns the
+    /// length of the message in it (through the Content-Length body, or the
+    /// whole datagram without one); the caller truncates the datagram to it
+    /// and gives it with [`SipMessage::set_bytes`]. `None` means "frame it
+    /// the slow way": [`frame_datagram`](super::frame_datagram) then
+    /// [`SipMessage::parse_with`], which on a clean message give the same.
+    pub(crate) fn scan_datagram(&mut self, buf: &[u8], limits: &Limits) -> Option<usize> {
+        if u32::try_from(buf.len()).is_err() {
+            return None;
+        }
+        self.scan(buf, limits).ok()?;
         Some(self.body.end as usize)
     }
 
@@ -1581,6 +1870,13 @@ impl SipMessage {
             }
             let known = classify_at(buf, start, name_end - start);
             msg.field(buf, known, &buf[start..name_end], vs..ve, line, start)?;
+            // Offsets fit in u32: checked before the scan.
+            match known {
+                Known::Via => msg.via_lines.add(start, next),
+                Known::Route => msg.route_lines.add(start, next),
+                Known::MaxForwards => msg.max_forwards_lines.add(start, next),
+                _ => {}
+            }
             p = next;
         };
         msg.fields = Span::new(fields_start..fields_end);
@@ -1686,13 +1982,13 @@ impl SipMessage {
                 if v.is_empty() {
                     return Err(malformed("Via", line)("empty value"));
                 }
-                let (top, mut i) = parse_via(v, 0).map_err(malformed("Via", line))?;
+                let (top, mut i) = parse_via_spans(v, 0).map_err(malformed("Via", line))?;
                 if self.top_via.is_none() {
-                    self.top_via = Some(ViaSpans::of(&top, buf));
+                    self.top_via = Some(top.shifted(value.start));
                     self.via = Some(Span::new(value));
                 }
                 while i < v.len() {
-                    let (_, next) = parse_via(v, i).map_err(malformed("Via", line))?;
+                    let (_, next) = parse_via_spans(v, i).map_err(malformed("Via", line))?;
                     i = next;
                 }
                 if v.last() == Some(&b',') {
@@ -1942,9 +2238,10 @@ impl SipMessage {
     ///
     /// O(1) for the headers the scan records (Call-ID, Via, From, To, Contact,
     /// Route) and for absent Max-Forwards, CSeq, Content-Length and
-    /// `X-Viaduct-*` headers; otherwise a walk of the header lines.
+    /// `X-Viaduct-*` headers; a present Max-Forwards is found by a walk of
+    /// its own lines only, anything else by a walk of the header lines.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        let n = name.trim().as_bytes();
+        let n = name.as_bytes().trim_ascii();
         let b = &self.bytes[..];
         let mut from = self.fields.start as usize;
         if !n.is_empty() {
@@ -1965,17 +2262,23 @@ impl SipMessage {
             }
         }
         let q = NameQuery::new(name);
-        Fields::new(b, from, self.fields.end as usize)
+        let fields = if from == self.fields.start as usize {
+            self.fields_for(name)
+        } else {
+            Fields::new(b, from, self.fields.end as usize)
+        };
+        fields
             .filter_map(Result::ok)
             .find(|f| q.matches(&b[f.name.clone()]))
             .map(|f| &b[f.value])
     }
 
     /// Every value of a header, one per header line (comma lists not split).
+    /// Via, Route and Max-Forwards: a walk of their own lines only.
     pub fn headers<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
         let q = NameQuery::new(name);
         let buf = &self.bytes[..];
-        Fields::new(buf, self.fields.start as usize, self.fields.end as usize)
+        self.fields_for(name)
             .filter_map(Result::ok)
             .filter(move |f| q.matches(&buf[f.name.clone()]))
             .map(move |f| &buf[f.value])
@@ -1987,6 +2290,25 @@ impl SipMessage {
             self.fields.start as usize,
             self.fields.end as usize,
         )
+    }
+
+    /// The header fields that can hold `name`: for Via, Route and
+    /// Max-Forwards (long or compact) those from its first line to its
+    /// last (none if absent), else all of them.
+    pub(crate) fn fields_for(&self, name: &str) -> Fields<'_> {
+        let n = name.as_bytes().trim_ascii();
+        let lines = match classify(n) {
+            Known::Via => self.via_lines,
+            Known::Route => self.route_lines,
+            Known::MaxForwards => self.max_forwards_lines,
+            _ => return self.fields(),
+        };
+        let (start, end) = if lines.count == 0 {
+            (self.fields.end, self.fields.end)
+        } else {
+            (lines.start, lines.end)
+        };
+        Fields::new(&self.bytes, start as usize, end as usize)
     }
 
     /// Offset where header fields start (just after the start line's CRLF).
@@ -2019,14 +2341,66 @@ impl SipMessage {
     pub fn body(&self) -> &[u8] {
         self.body.get(&self.bytes)
     }
+
+    /// The body's length, known from the scan before the bytes are given
+    /// (see [`SipMessage::scan_datagram`]).
+    pub(crate) fn body_len(&self) -> usize {
+        (self.body.end - self.body.start) as usize
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn msg(s: &str) -> Result<SipMessage, ScanError> {
         SipMessage::parse(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn headers_of_recorded_kinds_match_a_full_walk() {
+        // Via, Route and Max-Forwards lines interleaved with others, long
+        // and compact names, folded values: the recorded line ranges must
+        // find exactly what a walk of every line finds.
+        let m = msg(
+            "BYE sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h1;branch=z9hG4bK1\r\nX-A: 1\r\n\
+                     v: SIP/2.0/TCP h2;branch=z9hG4bK2,\r\n SIP/2.0/UDP h3;branch=z9hG4bK3\r\n\
+                     Route: <sip:r1;lr>\r\nMax-Forwards: 70\r\nCall-ID: c\r\nroute: <sip:r2;lr>\r\n\
+                     CSeq: 1 BYE\r\nVIA: SIP/2.0/UDP h4;branch=z9hG4bK4\r\nl: 0\r\n\r\n",
+        )
+        .unwrap();
+        let b = &m.bytes()[..];
+        for name in [
+            "Via",
+            "v",
+            "VIA",
+            "Route",
+            "route",
+            "Max-Forwards",
+            "max-forwards",
+            "X-A",
+            "Call-ID",
+            "Contact",
+            "l",
+        ] {
+            let q = NameQuery::new(name);
+            let all: Vec<&[u8]> = m
+                .fields()
+                .flatten()
+                .filter(|f| q.matches(&b[f.name.clone()]))
+                .map(|f| &b[f.value])
+                .collect();
+            assert_eq!(m.headers(name).collect::<Vec<_>>(), all, "{name}");
+            assert_eq!(m.header(name), all.first().copied(), "{name}");
+        }
+        assert_eq!(m.vias().count(), 4);
+        assert_eq!(m.headers("Route").count(), 2);
+        let none =
+            msg("OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nl: 0\r\n\r\n")
+                .unwrap();
+        assert_eq!(none.headers("Route").count(), 0);
+        assert_eq!(none.header("Max-Forwards"), None);
     }
 
     const INV: &str = "INVITE sip:bob@biloxi.example.com SIP/2.0\r\n\
@@ -2215,6 +2589,346 @@ Content-Length: 4\r\n\r\nbody";
                     "{n:?} + {pad:?}"
                 );
             }
+        }
+    }
+
+    /// Fragments of From/To values, Via values and URIs, common and odd,
+    /// for the differential tests of the fast paths.
+    fn fragments(parts: &'static [&'static str]) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            prop_oneof![
+                4 => proptest::sample::select(parts).prop_map(|s| s.as_bytes().to_vec()),
+                1 => proptest::collection::vec(any::<u8>(), 0..3),
+            ],
+            0..8,
+        )
+        .prop_map(|v| v.concat())
+    }
+
+    const ADDR_PARTS: &[&str] = &[
+        "Alice ",
+        "\"A <b>\" ",
+        "<sip:a@h>",
+        "<sip:a@h;lr>",
+        "sip:a@h",
+        ">",
+        "<",
+        ";tag=",
+        ";TAG=",
+        ";tAg=",
+        "1928301774",
+        "x",
+        "; tag=",
+        ";tag = ",
+        ";tag",
+        ";tag=\"q\"",
+        ";tag=;",
+        ";;",
+        ";x=y",
+        ",",
+        " ",
+        "\t",
+        "\r\n ",
+        "\"",
+        "tag=",
+        "=",
+        "A\tB <",
+    ];
+
+    const URI_SCHEMES: &[&str] = &["sip:", "sips:", "SIP:", "tel:", "sip", ""];
+    const URI_USERS: &[&str] = &["", "alice@", "a:pw@", "@", ":pw@", "a;b=c@", "a b@"];
+    const URI_HOSTS: &[&str] = &[
+        "example.com",
+        "10.0.0.1",
+        "[2001:db8::1]",
+        "",
+        "a_b-c.d",
+        "h@x",
+    ];
+    const URI_PORTS: &[&str] = &["", ":5060", ":", ":99999", ":65535", ":0x1"];
+    const URI_PARAMS: &[&str] = &[
+        ";lr",
+        ";transport=tcp",
+        ";",
+        "=",
+        ";;",
+        ";=",
+        "?h=1",
+        "%40",
+        " ",
+        "<",
+        ">",
+        "\"",
+        "a",
+        ";vd=0001000000000000a",
+        "\x7f",
+        "?",
+        "@",
+    ];
+
+    fn uri() -> impl Strategy<Value = Vec<u8>> {
+        let pick = |parts: &'static [&'static str]| {
+            proptest::sample::select(parts).prop_map(|s| s.as_bytes().to_vec())
+        };
+        (
+            pick(URI_SCHEMES),
+            pick(URI_USERS),
+            pick(URI_HOSTS),
+            pick(URI_PORTS),
+            proptest::collection::vec(pick(URI_PARAMS), 0..5),
+        )
+            .prop_map(|(a, b, c, d, e)| [a, b, c, d, e.concat()].concat())
+    }
+
+    /// `parse_via` and `parse_port` as they were before the fast paths
+    /// and the offsets, the reference of `via_agrees_with_reference`.
+    fn parse_port_reference(s: &[u8]) -> Result<u16, &'static str> {
+        match parse_u64(s) {
+            Some(p) if p <= u64::from(u16::MAX) && s.len() <= 5 => Ok(p as u16),
+            _ => Err("invalid port"),
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn parse_via_reference(s: &[u8], i: usize) -> Result<(Via<'_>, usize), &'static str> {
+        let start = skip_lws(s, i);
+        let mut parts: [&[u8]; 3] = [&[], &[], &[]];
+        let mut j = start;
+        for (k, part) in parts.iter_mut().enumerate() {
+            if k > 0 {
+                j = skip_lws(s, j);
+                if j >= s.len() || s[j] != b'/' {
+                    return Err("sent-protocol is not name/version/transport");
+                }
+                j = skip_lws(s, j + 1);
+            }
+            let e = scan_token(s, j);
+            if e == j {
+                return Err("sent-protocol is not name/version/transport");
+            }
+            *part = &s[j..e];
+            j = e;
+        }
+        let h = skip_lws(s, j);
+        if h == j {
+            return Err("no whitespace between sent-protocol and sent-by");
+        }
+        let he = scan_host(s, h)?;
+        let host = &s[h..he];
+        let mut j = skip_lws(s, he);
+        let mut port = None;
+        if j < s.len() && s[j] == b':' {
+            let ps = skip_lws(s, j + 1);
+            let mut pe = ps;
+            while pe < s.len() && s[pe].is_ascii_digit() {
+                pe += 1;
+            }
+            port = Some(parse_port_reference(&s[ps..pe])?);
+            j = pe;
+        }
+        let params_start = skip_lws(s, j);
+        let mut branch = None;
+        let mut received = None;
+        let mut rport: Option<Option<&[u8]>> = None;
+        let end = scan_params_reference(s, j, |p| {
+            let n = &s[p.name.clone()];
+            let v = p.value.map(|v| &s[v]);
+            if eq_ic(n, b"branch") && branch.is_none() {
+                branch = Some(v.unwrap_or_default());
+            } else if eq_ic(n, b"received") && received.is_none() {
+                received = Some(v.unwrap_or_default());
+            } else if eq_ic(n, b"rport") && rport.is_none() {
+                rport = Some(v);
+            }
+        })?;
+        let rport = match rport {
+            None => None,
+            Some(None) => Some(None),
+            Some(Some(v)) => Some(Some(parse_port_reference(v).map_err(|_| "invalid rport")?)),
+        };
+        if branch == Some(&[][..]) || received == Some(&[][..]) {
+            return Err("branch/received without a value");
+        }
+        let raw = trim_lws(&s[start..end]);
+        let params = trim_lws(&s[params_start.min(end)..end]);
+        let next = if end < s.len() { end + 1 } else { end };
+        Ok((
+            Via {
+                protocol: parts[0],
+                version: parts[1],
+                transport: parts[2],
+                host,
+                port,
+                branch,
+                received,
+                rport,
+                params,
+                raw,
+            },
+            next,
+        ))
+    }
+
+    const VIA_PROTOCOLS: &[&str] = &[
+        "SIP/2.0/UDP",
+        "SIP/2.0/TCP",
+        "SIP/2.0/",
+        "sip / 2.0 / tcp",
+        "SIP/2.0/TCP\r\n",
+        "SIP/2.0",
+        "SIP/2.0/tls-x",
+    ];
+    const VIA_GAPS: &[&str] = &[" ", "", "\t", "  ", "\r\n "];
+    const VIA_HOSTS: &[&str] = &[
+        "host.example.com",
+        "192.0.2.1",
+        "[2001:db8::1]",
+        "",
+        "h_1",
+        "[x]",
+    ];
+    const VIA_PORTS: &[&str] = &["", ":5060", " : 5060", ":99999", ":"];
+    const VIA_PARAMS: &[&str] = &[
+        ";branch=z9hG4bK776",
+        ";BRANCH=x",
+        ";branch",
+        ";received=192.0.2.2",
+        ";received",
+        ";rport",
+        ";rport=5060",
+        ";rport=x",
+        ";RPort=1",
+        " ; ttl = 1",
+        ";x=\"q;,\"",
+        ",",
+        ";",
+        "=",
+        " ",
+        ";branch=\"b\"",
+        ";Received=1",
+        ", SIP/2.0/UDP h2",
+    ];
+
+    fn via() -> impl Strategy<Value = Vec<u8>> {
+        let pick = |parts: &'static [&'static str]| {
+            proptest::sample::select(parts).prop_map(|s| s.as_bytes().to_vec())
+        };
+        (
+            pick(VIA_GAPS),
+            pick(VIA_PROTOCOLS),
+            pick(VIA_GAPS),
+            pick(VIA_HOSTS),
+            pick(VIA_PORTS),
+            proptest::collection::vec(pick(VIA_PARAMS), 0..5),
+            pick(VIA_GAPS),
+        )
+            .prop_map(|(a, b, c, d, e, f, g)| [a, b, c, d, e, f.concat(), g].concat())
+    }
+
+    /// `scan_params` before its fast path, the reference of
+    /// `params_agree_with_reference`.
+    fn scan_params_reference(
+        s: &[u8],
+        mut i: usize,
+        mut f: impl FnMut(Param),
+    ) -> Result<usize, &'static str> {
+        loop {
+            i = skip_lws(s, i);
+            if i >= s.len() || s[i] == b',' {
+                return Ok(i);
+            }
+            if s[i] != b';' {
+                return Err("unexpected character where a ';' parameter was expected");
+            }
+            i = skip_lws(s, i + 1);
+            let ns = i;
+            i += token_run(&s[i..]);
+            if i == ns {
+                return Err("empty parameter name");
+            }
+            let name = ns..i;
+            let j = skip_lws(s, i);
+            if j < s.len() && s[j] == b'=' {
+                let vs = skip_lws(s, j + 1);
+                let ve = if vs < s.len() && s[vs] == b'"' {
+                    quoted_end(s, vs)?
+                } else {
+                    vs + run_len(&s[vs..], &PVALUE)
+                };
+                if ve == vs {
+                    return Err("empty parameter value");
+                }
+                f(Param {
+                    name,
+                    value: Some(vs..ve),
+                });
+                i = ve;
+            } else {
+                f(Param { name, value: None });
+                i = j;
+            }
+        }
+    }
+
+    const PARAM_PARTS: &[&str] = &[
+        ";tag=1",
+        ";lr",
+        ";branch=z9hG4bK",
+        "; x = y",
+        ";x =y",
+        ";x= y",
+        ";q=\"a;b\"",
+        ";q=\"",
+        ";",
+        "=",
+        ",",
+        " ",
+        "\t",
+        "\r\n ",
+        "a",
+        ";n=",
+        ";n;",
+        ";=v",
+        "\"",
+        "<",
+        ";TAG=2",
+    ];
+
+    proptest! {
+        /// `scan_params` (with its fast path) reports the same parameters
+        /// and end as the general loop alone.
+        #[test]
+        fn params_agree_with_reference(v in fragments(PARAM_PARTS), from in 0usize..2) {
+            let i = from.min(v.len());
+            let (mut fast, mut slow) = (Vec::new(), Vec::new());
+            let fast_end = scan_params(&v, i, |p| fast.push((p.name, p.value)));
+            let slow_end = scan_params_reference(&v, i, |p| slow.push((p.name, p.value)));
+            prop_assert_eq!(fast_end, slow_end);
+            prop_assert_eq!(fast, slow);
+        }
+
+        /// `parse_via` agrees with the slice-based parser it replaced.
+        #[test]
+        fn via_agrees_with_reference(v in via(), from in 0usize..2) {
+            let i = from.min(v.len());
+            prop_assert_eq!(parse_via(&v, i), parse_via_reference(&v, i));
+        }
+
+        /// `parse_uri`'s fast path agrees with the general parser.
+        #[test]
+        fn uri_fast_path_agrees(raw in uri()) {
+            let fast = parse_sip_uri_fast(&raw).map(|u| u.get(&raw));
+            if fast.is_some() {
+                prop_assert_eq!(fast, parse_uri_general(&raw).ok());
+            }
+            prop_assert_eq!(parse_uri(&raw), parse_uri_general(&raw));
+        }
+
+        /// `find_tag`'s fast path agrees with the general scan.
+        #[test]
+        fn find_tag_fast_path_agrees(v in fragments(ADDR_PARTS)) {
+            let slow = header_params_start(&v).and_then(|ps| find_tag_from(&v, ps));
+            prop_assert_eq!(find_tag(&v), slow);
         }
     }
 
