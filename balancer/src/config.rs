@@ -219,6 +219,11 @@ pub struct SipConfig {
     /// On SIGINT/SIGTERM, how long queued messages may take to flush before
     /// the process exits. Default: 2000.
     pub shutdown_grace_ms: u64,
+    /// Receive buffer asked for each UDP socket (SO_RCVBUF), so a burst or
+    /// a scheduling stall does not overflow it; the kernel caps it at
+    /// `net.core.rmem_max` and the effective size is logged. 0 keeps the
+    /// system default. Default: 4194304.
+    pub udp_receive_buffer_bytes: usize,
     /// Listening sockets. Default: UDP and TCP on `127.0.0.1:5060` (one
     /// machine; list public addresses to serve a network).
     pub listen: Vec<Listen>,
@@ -236,6 +241,7 @@ impl Default for SipConfig {
             connect_timeout_ms: 5000,
             write_queue_messages: 1024,
             shutdown_grace_ms: 2000,
+            udp_receive_buffer_bytes: 4 * 1024 * 1024,
             listen: vec![
                 Listen {
                     transport: ListenTransport::Udp,

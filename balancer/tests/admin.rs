@@ -710,3 +710,51 @@ fn set_drain_records_the_state_and_emits_a_drain_frame() {
     assert!(!r.set_drain(7, DrainState::Serving));
     assert_eq!(r.poll_action(), None);
 }
+
+/// An operator's drain outlives the agent's link: the backend that comes
+/// back is drained again (and told so) until the operator undrains it, and
+/// an agent announcing "serving" before it heard does not undo it.
+#[test]
+fn an_operator_drain_survives_the_agent_reconnecting() {
+    let mut r = Router::new(RouterConfig::default(), TagKeys::new(b"k"));
+    let now = std::time::Instant::now();
+    r.backend_up(now, 7, "seven");
+    while r.poll_action().is_some() {}
+    assert!(r.set_drain(7, DrainState::Draining));
+    while r.poll_action().is_some() {}
+    r.backend_down(7, "link closed");
+    while r.poll_action().is_some() {}
+
+    r.backend_up(now, 7, "seven");
+    let actions: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
+    assert!(
+        actions.contains(&Action::ToBackend {
+            backend: 7,
+            frame: Frame::Drain(DrainState::Draining)
+        }),
+        "{actions:?}"
+    );
+    assert_eq!(r.backend_stats(now, 7).unwrap().drain, DrainState::Draining);
+    r.handle_frame(now, 7, Frame::Drain(DrainState::Serving));
+    assert_eq!(r.backend_stats(now, 7).unwrap().drain, DrainState::Draining);
+    r.handle_frame(now, 7, Frame::Drain(DrainState::Drained));
+    assert_eq!(r.backend_stats(now, 7).unwrap().drain, DrainState::Drained);
+
+    // Undrained by the operator: the next reconnect serves.
+    assert!(r.set_drain(7, DrainState::Serving));
+    r.backend_down(7, "link closed");
+    while r.poll_action().is_some() {}
+    r.backend_up(now, 7, "seven");
+    let actions: Vec<Action> = std::iter::from_fn(|| r.poll_action()).collect();
+    assert!(
+        !actions.iter().any(|a| matches!(
+            a,
+            Action::ToBackend {
+                frame: Frame::Drain(_),
+                ..
+            }
+        )),
+        "{actions:?}"
+    );
+    assert_eq!(r.backend_stats(now, 7).unwrap().drain, DrainState::Serving);
+}

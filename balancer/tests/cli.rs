@@ -4,11 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)] // tests drive: they may unwrap and spawn
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use assert_cmd::cargo::CommandCargoExt;
+use viaduct_tests::free_port;
 
 /// The balancer process; killed when the test ends, pass or fail.
 struct Viaduct(Child);
@@ -20,25 +21,14 @@ impl Drop for Viaduct {
     }
 }
 
-/// A port free on `ip` for both UDP and TCP right now.
-fn free_port(ip: &str) -> u16 {
-    loop {
-        let tcp = TcpListener::bind((ip, 0)).unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if UdpSocket::bind((ip, port)).is_ok() {
-            return port;
-        }
-    }
+fn start(ip: &str) -> (Viaduct, SocketAddr) {
+    start_with(ip, &[])
 }
 
-fn start(ip: &str) -> (Viaduct, SocketAddr) {
-    let port = free_port(ip);
-    let agent_port = loop {
-        let p = free_port(ip);
-        if p != port {
-            break p;
-        }
-    };
+/// [`start`] with extra environment variables.
+fn start_with(ip: &str, env: &[(&str, &str)]) -> (Viaduct, SocketAddr) {
+    let port = free_port(ip, &[]);
+    let agent_port = free_port(ip, &[port]);
     let dir = std::env::temp_dir().join(format!("viaduct-cli-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("viaduct.toml");
@@ -56,6 +46,7 @@ fn start(ip: &str) -> (Viaduct, SocketAddr) {
         .arg("--config")
         .arg(&config)
         .env("VIADUCT_LOG", "info")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -171,13 +162,8 @@ fn check_config_names_the_file_and_the_problem() {
 #[test]
 fn sighup_reloads_and_sigterm_exits_cleanly() {
     let ip = "127.0.0.63";
-    let port = free_port(ip);
-    let agent_port = loop {
-        let p = free_port(ip);
-        if p != port {
-            break p;
-        }
-    };
+    let port = free_port(ip, &[]);
+    let agent_port = free_port(ip, &[port]);
     let dir = std::env::temp_dir().join(format!("viaduct-signals-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("viaduct.toml");
@@ -366,4 +352,40 @@ fn without_backends_requests_get_503_on_udp_and_tcp() {
         .unwrap();
     let n = tcp.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "expected the balancer to close the connection");
+}
+
+/// `viaduct run` serves with glibc's mmap threshold fixed: it starts itself
+/// again once, same PID, with GLIBC_TUNABLES naming it; and never a second
+/// time (the marker it sets stops it even where the C library drops
+/// GLIBC_TUNABLES, as for a binary with file capabilities).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn run_fixes_the_malloc_threshold_by_one_reexec() {
+    let environ = |v: &Viaduct| {
+        let raw = std::fs::read(format!("/proc/{}/environ", v.0.id())).unwrap();
+        raw.split(|&b| b == 0)
+            .map(|kv| String::from_utf8_lossy(kv).into_owned())
+            .collect::<Vec<_>>()
+    };
+    let (v, _) = start_with("127.0.0.64", &[("GLIBC_TUNABLES", "")]);
+    let vars = environ(&v);
+    assert!(
+        vars.iter()
+            .any(|kv| kv == "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072"),
+        "{vars:?}"
+    );
+    assert!(
+        vars.iter().any(|kv| kv == "VIADUCT_MALLOC_REEXEC=1"),
+        "{vars:?}"
+    );
+
+    let (v, _) = start_with(
+        "127.0.0.65",
+        &[("GLIBC_TUNABLES", ""), ("VIADUCT_MALLOC_REEXEC", "1")],
+    );
+    let vars = environ(&v);
+    assert!(
+        vars.iter().any(|kv| kv == "GLIBC_TUNABLES="),
+        "no second start: {vars:?}"
+    );
 }

@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)] // tests drive: they may unwrap and spawn
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,6 +28,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
+use viaduct_tests::free_port;
 
 const SECRET: &[u8] = b"sockets test cluster secret";
 /// The most any single expected event may take.
@@ -55,17 +56,6 @@ impl Drop for Lb {
             for line in self.log.lock().unwrap().iter() {
                 eprintln!("viaduct| {line}");
             }
-        }
-    }
-}
-
-/// A port free on `ip` for both UDP and TCP right now, not in `taken`.
-fn free_port(ip: &str, taken: &[u16]) -> u16 {
-    loop {
-        let tcp = StdTcpListener::bind((ip, 0)).unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if !taken.contains(&port) && StdUdpSocket::bind((ip, port)).is_ok() {
-            return port;
         }
     }
 }

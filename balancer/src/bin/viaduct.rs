@@ -89,6 +89,9 @@ type FilterHandle = reload::Handle<EnvFilter, Registry>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::Run) | None) {
+        fixed_mmap_threshold();
+    }
     let initial = std::env::var(LOG_ENV).unwrap_or_else(|_| "info".to_owned());
     let (filter, filter_handle) =
         reload::Layer::new(EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info")));
@@ -119,6 +122,52 @@ fn main() -> ExitCode {
             eprintln!("viaduct: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Serves with glibc's mmap threshold fixed at its default (128 KiB), by
+/// starting this same program again (same PID) with `GLIBC_TUNABLES` set.
+///
+/// glibc raises the threshold each time a large block is freed: after a
+/// burst of new calls had grown and then shrunk the new-call table, its
+/// buffers came from the heap and 1.7 MB of it stayed resident (RSS 1.29x
+/// idle at 100k established calls, 1.04x with the threshold fixed).
+/// Nothing changes when the variable already names the tunable, on other C
+/// libraries, or if the exec fails.
+fn fixed_mmap_threshold() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+        const VAR: &str = "GLIBC_TUNABLES";
+        const MMAP_TUNABLE: &str = "glibc.malloc.mmap_threshold=131072";
+        // Set on the one re-exec: the program never starts itself twice,
+        // even where the C library drops GLIBC_TUNABLES (a binary with file
+        // capabilities, e.g. to bind port 5060, runs in secure mode).
+        const REEXEC: &str = "VIADUCT_MALLOC_REEXEC";
+        if std::env::var_os(REEXEC).is_some() {
+            return;
+        }
+        let current = std::env::var(VAR).unwrap_or_default();
+        if current.contains("glibc.malloc.mmap_threshold") {
+            return;
+        }
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let value = if current.is_empty() {
+            MMAP_TUNABLE.to_owned()
+        } else {
+            format!("{current}:{MMAP_TUNABLE}")
+        };
+        let mut args = std::env::args_os();
+        let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+        // Returns only if the exec failed: serve as we are.
+        let _ = std::process::Command::new(&exe)
+            .arg0(arg0)
+            .args(args)
+            .env(VAR, value)
+            .env(REEXEC, "1")
+            .exec();
     }
 }
 

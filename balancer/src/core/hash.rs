@@ -28,22 +28,8 @@ use super::router::BackendId;
 const KEYS: (u64, u64) = (0x7669_6164_7563_742d, 0x7265_6e64_657a_766f);
 
 /// A stable backend id for a name (an agent not listed in `agents.ids`, a
-/// plain SIP member): a 16-bit fold of a fixed-key SipHash-2-4 of the
-/// name, never 0. Every replica and every restart computes the same.
-pub fn backend_id_of(name: &str) -> BackendId {
-    let mut h =
-        siphasher::sip::SipHasher24::new_with_keys(0x7669_6164_7563_7421, 0x6261_636b_656e_6421);
-    h.write(name.as_bytes());
-    let x = h.finish();
-    // Truncation is the point: fold the 64 bits into 16.
-    #[allow(clippy::cast_possible_truncation)]
-    let id = (x ^ (x >> 16) ^ (x >> 32) ^ (x >> 48)) as u16;
-    if id == 0 {
-        1
-    } else {
-        id
-    }
-}
+/// plain SIP member); the same function peers use (peer mode).
+pub use encap_proto::tag::backend_id_of;
 
 /// The backend among `candidates` (all of weight 1) with the highest score
 /// for `key`.

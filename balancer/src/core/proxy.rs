@@ -96,7 +96,10 @@ pub struct Forward<'a> {
     pub source: SocketAddr,
     /// Whether to Record-Route (initial requests that may make a dialog).
     pub record_route: bool,
-    /// How many leading Route entries are ours, to remove.
+    /// The request's Route entries ([`route_entries`]; empty if it has
+    /// none or none is ours).
+    pub routes: &'a [&'a [u8]],
+    /// How many leading `routes` are ours, to remove.
     pub own_routes: usize,
     /// Failover: the tag of the call's dead backend (`X-Viaduct-Failover`).
     pub failover: Option<&'a [u8]>,
@@ -160,6 +163,10 @@ fn loop_hash(msg: &SipMessage, tag: &[u8; TAG_LEN]) -> u32 {
     low
 }
 
+/// Finds [`PROXY_BRANCH_PREFIX`] (a constant, built on first use).
+static BRANCH_PREFIX_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(PROXY_BRANCH_PREFIX));
+
 /// Whether `msg`, about to be forwarded with `branch`, has been through
 /// this balancer towards the same backend unchanged: a loop (RFC 3261
 /// §16.3 step 4). Costs one substring search unless it has.
@@ -172,7 +179,13 @@ pub fn is_loop(msg: &SipMessage, branch: &str) -> bool {
         &b[..PROXY_BRANCH_PREFIX.len() + TAG_LEN],
         &b[b.len() - LOOP_HEX..],
     );
-    if memchr::memmem::find(msg.bytes(), head).is_none() {
+    // The prefix searcher is built once (building one per message cost
+    // as much as the search); then each hit is checked for the tag.
+    let bytes = &msg.bytes()[..];
+    let tag_follows = BRANCH_PREFIX_FINDER
+        .find_iter(bytes)
+        .any(|at| bytes[at..].starts_with(head));
+    if !tag_follows {
         return false;
     }
     msg.vias().any(|v| {
@@ -186,18 +199,72 @@ pub fn is_loop(msg: &SipMessage, branch: &str) -> bool {
 
 /// A Record-Route (or Route) URI of ours for `side`, carrying `tag`.
 pub fn record_route_uri(side: Side, tag: &[u8]) -> String {
-    let transport = match side.transport {
-        Transport::Udp => "",
-        Transport::Tcp => ";transport=tcp",
-        Transport::Tls => ";transport=tls",
-        Transport::Sctp => ";transport=sctp",
-        Transport::Ws | Transport::Wss => ";transport=ws",
+    let mut out = Vec::with_capacity(64);
+    push_record_route(&mut out, side, tag);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Appends [`record_route_uri`] to `out`.
+fn push_record_route(out: &mut Vec<u8>, side: Side, tag: &[u8]) {
+    let transport: &[u8] = match side.transport {
+        Transport::Udp => b"",
+        Transport::Tcp => b";transport=tcp",
+        Transport::Tls => b";transport=tls",
+        Transport::Sctp => b";transport=sctp",
+        Transport::Ws | Transport::Wss => b";transport=ws",
     };
-    format!(
-        "<sip:{}{transport};lr;{TAG_PARAM}={}>",
-        side.addr,
-        String::from_utf8_lossy(tag)
-    )
+    out.extend_from_slice(b"<sip:");
+    push_socket_addr(out, side.addr);
+    out.extend_from_slice(transport);
+    out.extend_from_slice(b";lr;");
+    out.extend_from_slice(TAG_PARAM.as_bytes());
+    out.push(b'=');
+    out.extend_from_slice(tag);
+    out.push(b'>');
+}
+
+// Text of numbers and addresses for the headers the proxy writes, as their
+// `Display` would give it, without the formatting machinery or a `String`
+// per value on the per-message path (IPv6 takes the standard path).
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// Appends `ip` as `IpAddr`'s `Display` writes it.
+fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                push_decimal(out, u64::from(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::io::Write as _;
+            // Writing to a Vec cannot fail.
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
+/// Appends `addr` as `SocketAddr`'s `Display` writes it.
+fn push_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    match addr {
+        SocketAddr::V4(v4) => {
+            push_ip(out, IpAddr::V4(*v4.ip()));
+            out.push(b':');
+            push_decimal(out, u64::from(v4.port()));
+        }
+        SocketAddr::V6(v6) => {
+            use std::io::Write as _;
+            // Writing to a Vec cannot fail.
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 /// Records where a request really came from in its top Via (RFC 3261
@@ -212,17 +279,62 @@ pub fn mark_received(rw: &mut Rewrite<'_>, msg: &SipMessage, source: SocketAddr)
         .unwrap_or(via.host);
     // Compared as addresses (no text formatting on the common path where
     // the sent-by is the source: an in-dialog request over TCP).
-    let sent_by_is_source = std::str::from_utf8(host)
+    let sent_by_is_source = host_is_ip(host, source.ip());
+    if via.rport.is_none() && sent_by_is_source {
+        // The in-dialog common case: nothing to add, nothing to allocate.
+        return;
+    }
+    // One small buffer for both values: the address, then the port.
+    let mut text = Vec::with_capacity(48);
+    push_ip(&mut text, source.ip());
+    let ip_end = text.len();
+    if via.rport == Some(None) {
+        push_decimal(&mut text, u64::from(source.port()));
+        rw.set_top_via_params(&[
+            ("received", Some(&text[..ip_end])),
+            ("rport", Some(&text[ip_end..])),
+        ]);
+    } else {
+        // rport given a value already, or none asked: received only.
+        rw.set_top_via_param("received", Some(&text));
+    }
+}
+
+/// Whether `host` (a Via sent-by host, brackets removed) is the text of
+/// `ip`, with the answers of `str::parse::<IpAddr>`: an IPv4 sent-by is
+/// compared octet by octet without building a string (the per-request case),
+/// anything else goes through the standard parser.
+fn host_is_ip(host: &[u8], ip: std::net::IpAddr) -> bool {
+    if let std::net::IpAddr::V4(v4) = ip {
+        // Dotted decimal as the standard parser accepts it: four octets of
+        // one to three digits, no leading zero, each at most 255; one pass.
+        let want = v4.octets();
+        let (mut part, mut value, mut digits, mut first) = (0usize, 0u16, 0usize, 0u8);
+        for &b in host {
+            match b {
+                b'0'..=b'9' => {
+                    if digits == 0 {
+                        first = b;
+                    }
+                    digits += 1;
+                    if digits > 3 || (digits > 1 && first == b'0') {
+                        return false;
+                    }
+                    value = value * 10 + u16::from(b - b'0');
+                }
+                b'.' if digits > 0 && part < 3 && value == u16::from(want[part]) => {
+                    part += 1;
+                    (value, digits) = (0, 0);
+                }
+                _ => return false,
+            }
+        }
+        return part == 3 && digits > 0 && value == u16::from(want[3]);
+    }
+    std::str::from_utf8(host)
         .ok()
         .and_then(|h| h.parse::<std::net::IpAddr>().ok())
-        == Some(source.ip());
-    if via.rport.is_some() || !sent_by_is_source {
-        let source_ip = source.ip().to_string();
-        rw.set_top_via_param("received", Some(source_ip.as_bytes()));
-    }
-    if via.rport == Some(None) {
-        rw.set_top_via_param("rport", Some(source.port().to_string().as_bytes()));
-    }
+        == Some(ip)
 }
 
 /// The values of every Route header, split at the commas between entries
@@ -291,21 +403,27 @@ fn parse_ip(host: &[u8]) -> Option<IpAddr> {
 /// from outside are removed; everything else is kept byte for byte.
 pub fn forward_request(msg: &SipMessage, f: &Forward<'_>) -> Bytes {
     let mut rw = Rewrite::new(msg);
-    let via = format!(
-        "SIP/2.0/{} {};branch={};{CONN_PARAM}={}",
-        f.egress.transport.as_str(),
-        f.egress.addr,
-        f.branch,
-        f.conn
-    );
-    rw.insert_header("Via", via.as_bytes());
+    // The rewrite copies each value: one buffer serves them all in turn.
+    let mut text = Vec::with_capacity(160);
+    text.extend_from_slice(b"SIP/2.0/");
+    text.extend_from_slice(f.egress.transport.as_str().as_bytes());
+    text.push(b' ');
+    push_socket_addr(&mut text, f.egress.addr);
+    text.extend_from_slice(b";branch=");
+    text.extend_from_slice(f.branch.as_bytes());
+    text.push(b';');
+    text.extend_from_slice(CONN_PARAM.as_bytes());
+    text.push(b'=');
+    push_decimal(&mut text, f.conn);
+    rw.insert_header("Via", &text);
     if f.record_route {
-        rw.insert_header("Record-Route", record_route_uri(f.egress, f.tag).as_bytes());
+        text.clear();
+        push_record_route(&mut text, f.egress, f.tag);
+        rw.insert_header("Record-Route", &text);
         if f.ingress != f.egress {
-            rw.insert_header(
-                "Record-Route",
-                record_route_uri(f.ingress, f.tag).as_bytes(),
-            );
+            text.clear();
+            push_record_route(&mut text, f.ingress, f.tag);
+            rw.insert_header("Record-Route", &text);
         }
     }
     let max_forwards = msg
@@ -314,7 +432,9 @@ pub fn forward_request(msg: &SipMessage, f: &Forward<'_>) -> Bytes {
     if msg.max_forwards().is_some() {
         rw.remove_headers("Max-Forwards");
     }
-    rw.insert_header("Max-Forwards", max_forwards.to_string().as_bytes());
+    text.clear();
+    push_decimal(&mut text, u64::from(max_forwards));
+    rw.insert_header("Max-Forwards", &text);
     if msg.has_viaduct_headers() {
         rw.remove_headers_with_prefix("X-Viaduct-");
     }
@@ -324,9 +444,8 @@ pub fn forward_request(msg: &SipMessage, f: &Forward<'_>) -> Bytes {
     mark_received(&mut rw, msg, f.source);
     let remaining;
     if f.own_routes > 0 {
-        let entries = route_entries(msg);
         rw.remove_headers("Route");
-        if let Some(rest) = entries.get(f.own_routes..).filter(|r| !r.is_empty()) {
+        if let Some(rest) = f.routes.get(f.own_routes..).filter(|r| !r.is_empty()) {
             remaining = rest.join(&b", "[..]);
             rw.insert_header("Route", &remaining);
         }
@@ -435,6 +554,53 @@ mod tests {
 
     fn msg(s: &str) -> SipMessage {
         SipMessage::parse(Bytes::copy_from_slice(s.as_bytes())).unwrap()
+    }
+
+    #[test]
+    fn host_is_ip_answers_as_the_standard_parser() {
+        let ips: Vec<std::net::IpAddr> = ["10.0.0.1", "192.168.100.255", "0.0.0.0", "::1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let hosts = [
+            "10.0.0.1",
+            "10.0.0.01",
+            "010.0.0.1",
+            "10.0.0",
+            "10.0.0.1.",
+            "10.0.0.1.5",
+            "10..0.1",
+            "10.0.0.256",
+            "192.168.100.255",
+            "0.0.0.0",
+            "00.0.0.0",
+            "1e.0.0.0",
+            "10.0.0.1 ",
+            "",
+            "::1",
+            "0:0:0:0:0:0:0:1",
+            "host.example.com",
+            "+1.0.0.0",
+            "1000.0.0.1",
+            "10.0.0.-1",
+        ];
+        for ip in &ips {
+            for host in hosts {
+                let by_std = host.parse::<std::net::IpAddr>().ok() == Some(*ip);
+                assert_eq!(host_is_ip(host.as_bytes(), *ip), by_std, "{host:?} vs {ip}");
+            }
+        }
+        // Every octet width against its neighbours.
+        let octets = [0u8, 1, 9, 10, 99, 100, 199, 200, 254, 255];
+        for a in octets {
+            for b in octets {
+                let ip = std::net::IpAddr::from([a, b, 255 - a, b]);
+                let other = std::net::IpAddr::from([a, b, 255 - a, b ^ 1]);
+                let text = ip.to_string();
+                assert!(host_is_ip(text.as_bytes(), ip), "{text}");
+                assert!(!host_is_ip(text.as_bytes(), other), "{text} vs {other}");
+            }
+        }
     }
 
     #[test]

@@ -47,8 +47,9 @@ use bytes::Bytes;
 use encap_proto::frame::{
     Close, Code, DrainState, Frame, LoadReport, SipFromBackend, SipToBackend, Transport,
 };
-use encap_proto::sip::{Limits, Rewrite, ScanError, SipMessage, StartLine};
+use encap_proto::sip::{Limits, Rewrite, ScanError, SipMessage, StartLine, Uri};
 use encap_proto::tag::{TagError, TagKeys};
+use nohash_hasher::{IntMap, IntSet};
 
 use super::hash::rendezvous_weighted;
 use super::new_calls::{NewCallTable, DEFAULT_CAPACITY, DEFAULT_LIFETIME};
@@ -392,10 +393,10 @@ struct Conn {
 pub struct Router {
     config: RouterConfig,
     keys: TagKeys,
-    backends: HashMap<BackendId, Backend>,
+    backends: IntMap<BackendId, Backend>,
     /// Live backends, sorted, for selection and the rendezvous hash.
     live: Vec<BackendId>,
-    conns: HashMap<ConnId, Conn>,
+    conns: IntMap<ConnId, Conn>,
     /// Open stream connections by (transport, remote address).
     by_remote: HashMap<(Transport, SocketAddr), Vec<ConnId>>,
     /// Our own SIP addresses: a message is never sent to one of them.
@@ -413,6 +414,10 @@ pub struct Router {
     plain_by_addr: HashMap<(Transport, SocketAddr), BackendId>,
     /// Whether [`Router::start`] registered the plain SIP backends.
     plain_started: bool,
+    /// Backends an operator drained ([`Router::set_drain`]) and has not
+    /// undrained: the drain outlives the agent's link, so a backend that
+    /// reconnects (or restarts) is drained again.
+    operator_drained: IntSet<BackendId>,
 }
 
 /// How a request reaches its backend.
@@ -465,9 +470,9 @@ impl Router {
         Router {
             config,
             keys,
-            backends: HashMap::new(),
+            backends: IntMap::default(),
             live: Vec::new(),
-            conns: HashMap::new(),
+            conns: IntMap::default(),
             by_remote: HashMap::new(),
             local_addrs: Vec::new(),
             new_calls,
@@ -478,6 +483,7 @@ impl Router {
             advertised: Vec::new(),
             plain_by_addr: HashMap::new(),
             plain_started: false,
+            operator_drained: IntSet::default(),
         }
     }
 
@@ -643,6 +649,16 @@ impl Router {
         self.set_live(backend, true);
         self.actions
             .push_back(Action::Event(Event::BackendUp { backend }));
+        if self.operator_drained.contains(&backend) {
+            // The operator's drain holds until the operator undrains it.
+            if let Some(b) = self.backends.get_mut(&backend) {
+                b.drain = DrainState::Draining;
+            }
+            self.actions.push_back(Action::ToBackend {
+                backend,
+                frame: Frame::Drain(DrainState::Draining),
+            });
+        }
     }
 
     /// A backend's link closed, or it fell silent.
@@ -734,6 +750,9 @@ impl Router {
                         .push_back(Action::Event(Event::BackendUp { backend }));
                 }
             }
+            // An agent that has not yet heard the operator's drain (it
+            // announces its own state as its link comes up) does not undo it.
+            Frame::Drain(DrainState::Serving) if self.operator_drained.contains(&backend) => {}
             Frame::Drain(state) => b.drain = state,
             Frame::Ping(token) => self.actions.push_back(Action::ToBackend {
                 backend,
@@ -1029,7 +1048,8 @@ impl Router {
         let Some(cseq) = msg.cseq() else {
             return Err(bad("missing CSeq header"));
         };
-        if msg.top_via().is_none() {
+        // Presence only (O(1)): the scan checked the Via syntax.
+        if msg.header("Via").is_none() {
             return Err(bad("missing Via header"));
         }
         if msg.header("From").is_none() {
@@ -1053,7 +1073,8 @@ impl Router {
                 });
             }
         }
-        if msg.request_uri().is_some_and(|u| u.headers.is_some()) {
+        let request_uri = msg.request_uri();
+        if request_uri.is_some_and(|u| u.headers.is_some()) {
             // RFC 4475 §3.1.2.11: escaped headers in a Request-URI.
             return Err(bad("Request-URI carries headers (?...)"));
         }
@@ -1079,7 +1100,7 @@ impl Router {
         let is_ack = method.eq_ignore_ascii_case(b"ACK");
         let is_cancel = method.eq_ignore_ascii_case(b"CANCEL");
 
-        if let Some(tag) = find_request_tag(msg) {
+        if let Some(tag) = request_tag(request_uri.as_ref(), msg) {
             match self.keys.verify(tag, call_id) {
                 Ok(t) if t.call_independent && !self.config.accept_call_independent_tags => {
                     self.counters.bad_tags += 1;
@@ -1656,6 +1677,7 @@ impl Router {
             &tag,
             (member.transport, member.address),
             failover.as_deref(),
+            None,
         );
         self.counters.to_backends += 1;
     }
@@ -1709,7 +1731,16 @@ impl Router {
             );
         };
         let tag = self.keys.mint(backend, call_id);
-        if self.proxy_out(now, from, msg, backend, &tag, next, None) {
+        if self.proxy_out(
+            now,
+            from,
+            msg,
+            backend,
+            &tag,
+            next,
+            None,
+            Some((&entries, own)),
+        ) {
             self.counters.from_backends += 1;
             if let Some(b) = self.backends.get_mut(&backend) {
                 b.traffic.from_backend(now, msg.bytes().len());
@@ -1729,6 +1760,7 @@ impl Router {
         tag: &[u8; encap_proto::tag::TAG_LEN],
         next: (Transport, SocketAddr),
         failover: Option<&[u8]>,
+        routes: Option<(&[&[u8]], usize)>,
     ) -> bool {
         let branch = proxy::stateless_branch(msg, tag);
         if proxy::is_loop(msg, &branch) || self.local_addrs.contains(&next.1) {
@@ -1755,10 +1787,16 @@ impl Router {
             && !(method.eq_ignore_ascii_case(b"REGISTER")
                 || method.eq_ignore_ascii_case(b"ACK")
                 || method.eq_ignore_ascii_case(b"CANCEL"));
-        let own_routes = if msg.top_route().is_some() {
-            proxy::own_routes(&proxy::route_entries(msg), |u| self.is_our_uri(u))
-        } else {
-            0
+        // The Route entries, read once (the caller may have read them).
+        let read;
+        let (routes, own_routes) = match routes {
+            Some(r) => r,
+            None if msg.top_route().is_some() => {
+                read = proxy::route_entries(msg);
+                let own = proxy::own_routes(&read, |u| self.is_our_uri(u));
+                (&read[..], own)
+            }
+            None => (&[][..], 0),
         };
         let message = proxy::forward_request(
             msg,
@@ -1770,6 +1808,7 @@ impl Router {
                 conn: from.conn,
                 source: from.remote,
                 record_route,
+                routes,
                 own_routes,
                 failover,
             },
@@ -1934,7 +1973,12 @@ impl Router {
 /// The tag of a request, in the order of design.md §2: a Request-URI
 /// parameter, then a top Route URI parameter.
 fn find_request_tag(msg: &SipMessage) -> Option<&[u8]> {
-    if let Some(Some(tag)) = msg.request_uri().and_then(|u| u.param(TAG_PARAM)) {
+    request_tag(msg.request_uri().as_ref(), msg)
+}
+
+/// [`find_request_tag`] with the Request-URI already read.
+fn request_tag<'m>(request_uri: Option<&Uri<'m>>, msg: &'m SipMessage) -> Option<&'m [u8]> {
+    if let Some(Some(tag)) = request_uri.and_then(|u| u.param(TAG_PARAM)) {
         return Some(tag);
     }
     msg.top_route()
@@ -1961,8 +2005,10 @@ impl Router {
     /// the router records the state at once (a draining backend takes no
     /// new call; its dialogs still reach it by their tags) and tells the
     /// agent with a DRAIN frame (`Action::ToBackend`). Returns false, and
-    /// does nothing, if the backend is unknown or down (no agent to tell;
-    /// a reconnecting agent announces its own state).
+    /// does nothing, if the backend is unknown or down (no agent to tell).
+    /// A drain is remembered for the balancer's lifetime: when the backend
+    /// reconnects (its link dropped, or its process restarted), it is
+    /// drained again until the operator undrains it.
     pub fn set_drain(&mut self, backend: BackendId, state: DrainState) -> bool {
         let Some(b) = self.backends.get_mut(&backend) else {
             return false;
@@ -1971,6 +2017,11 @@ impl Router {
             return false;
         }
         b.drain = state;
+        if state == DrainState::Serving {
+            self.operator_drained.remove(&backend);
+        } else {
+            self.operator_drained.insert(backend);
+        }
         self.actions.push_back(Action::ToBackend {
             backend,
             frame: Frame::Drain(state),

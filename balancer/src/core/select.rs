@@ -1172,9 +1172,15 @@ impl Traffic {
     }
 
     fn bucket_at(&self, now: Instant) -> u64 {
+        // In u64 nanoseconds (584 years): a u128 division per message was a
+        // visible share of the per-message cost.
+        let nanos = |d: Duration| {
+            d.as_secs()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::from(d.subsec_nanos()))
+        };
         self.epoch.map_or(0, |e| {
-            let n = now.saturating_duration_since(e).as_nanos() / self.bucket.as_nanos().max(1);
-            u64::try_from(n).unwrap_or(u64::MAX)
+            nanos(now.saturating_duration_since(e)) / nanos(self.bucket).max(1)
         })
     }
 

@@ -86,9 +86,11 @@ impl Balancer {
         for (i, l) in config.sip.listen.iter().enumerate() {
             match l.transport {
                 ListenTransport::Udp => {
-                    udp.push(UdpSocket::bind(l.address).await.with_context(|| {
+                    let socket = UdpSocket::bind(l.address).await.with_context(|| {
                         format!("sip.listen[{i}]: cannot bind UDP {}", l.address)
-                    })?)
+                    })?;
+                    receive_buffer(&socket, l.address, config.sip.udp_receive_buffer_bytes);
+                    udp.push(socket);
                 }
                 ListenTransport::Tcp => tcp.push((
                     TcpListener::bind(l.address).await.with_context(|| {
@@ -602,6 +604,29 @@ async fn timer(shared: Rc<Shared>) {
     }
 }
 
+/// Asks for `bytes` of receive buffer on a UDP socket (0: leave it) and
+/// logs what the kernel granted (it caps the request at
+/// `net.core.rmem_max`; Linux reports twice the usable size).
+fn receive_buffer(socket: &UdpSocket, address: SocketAddr, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    let s = socket2::SockRef::from(socket);
+    if let Err(e) = s.set_recv_buffer_size(bytes) {
+        warn!(%address, requested = bytes, error = %e, "cannot set the UDP receive buffer");
+    }
+    match s.recv_buffer_size() {
+        Ok(got) if got < bytes => warn!(
+            %address,
+            requested = bytes,
+            granted = got,
+            "UDP receive buffer below sip.udp_receive_buffer_bytes (raise net.core.rmem_max)"
+        ),
+        Ok(got) => info!(%address, bytes = got, "UDP receive buffer"),
+        Err(e) => warn!(%address, error = %e, "cannot read the UDP receive buffer size"),
+    }
+}
+
 /// The wall clock in microseconds since the UNIX epoch (frame metadata).
 fn unix_us() -> u64 {
     std::time::SystemTime::now()
@@ -609,9 +634,9 @@ fn unix_us() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-/// Writes what a connection's queue holds, batching what is queued
-/// together, until the queue closes or says [`Out::Close`]; then shuts the
-/// write side and stops the reader.
+/// Writes what a connection's queue holds, gathering what is queued
+/// together into one vectored write (no copy), until the queue closes or
+/// says [`Out::Close`]; then shuts the write side and stops the reader.
 async fn write_loop(
     mut w: tokio::net::tcp::OwnedWriteHalf,
     mut rx: mpsc::Receiver<Out>,
@@ -620,43 +645,85 @@ async fn write_loop(
     use tokio::io::AsyncWriteExt;
     /// Bytes gathered into one write at most.
     const BATCH: usize = 64 * 1024;
-    let mut batch = BytesMut::new();
+    let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_IOV);
     'run: while let Some(first) = rx.recv().await {
         let mut close = false;
-        let mut single = None;
+        let mut size = 0;
         match first {
-            Out::Bytes(b) => single = Some(b),
+            Out::Bytes(b) => {
+                size += b.len();
+                batch.push(b);
+            }
             Out::Close => close = true,
         }
-        while !close && single.as_ref().map_or(0, Bytes::len) + batch.len() < BATCH {
+        while !close && size < BATCH && batch.len() < MAX_IOV {
             match rx.try_recv() {
                 Ok(Out::Bytes(b)) => {
-                    if let Some(s) = single.take() {
-                        batch.extend_from_slice(&s);
-                    }
-                    batch.extend_from_slice(&b);
+                    size += b.len();
+                    batch.push(b);
                 }
                 Ok(Out::Close) => close = true,
                 Err(_) => break,
             }
         }
-        let chunk = match single.take() {
-            Some(s) => s,
-            None => batch.split().freeze(),
-        };
-        if !chunk.is_empty() {
-            if let Err(e) = w.write_all(&chunk).await {
+        if size > 0 {
+            if let Err(e) = write_all_vectored(&mut w, &mut batch).await {
                 debug!(error = %e, "write failed; closing");
                 break 'run;
             }
             state.last_write.set(Instant::now());
         }
+        batch.clear();
         if close {
             break;
         }
     }
     let _ = w.shutdown().await;
     state.cancel.cancel();
+}
+
+/// Messages gathered into one vectored write at most.
+const MAX_IOV: usize = 64;
+
+/// Writes every byte of `bufs` (at most [`MAX_IOV`] of them), in order,
+/// with as few `writev` calls as the socket allows.
+async fn write_all_vectored(
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    bufs: &mut [Bytes],
+) -> std::io::Result<()> {
+    use bytes::Buf;
+    use std::io::IoSlice;
+    use tokio::io::AsyncWriteExt;
+    let mut first = 0;
+    while first < bufs.len() {
+        let mut written = {
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for b in bufs[first..].iter().take(MAX_IOV) {
+                iov[n] = IoSlice::new(b);
+                n += 1;
+            }
+            w.write_vectored(&iov[..n]).await?
+        };
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 && first < bufs.len() {
+            let len = bufs[first].len();
+            if written >= len {
+                written -= len;
+                first += 1;
+            } else {
+                bufs[first].advance(written);
+                written = 0;
+            }
+        }
+        // Empty messages (none are queued today) are skipped, not written.
+        while bufs.get(first).is_some_and(Bytes::is_empty) {
+            first += 1;
+        }
+    }
+    Ok(())
 }
 
 /// Applies configuration reloads as they come (SIGHUP), until shutdown.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use encap_proto::frame::Transport;
-use encap_proto::sip::{frame_datagram, Framed, FramingError, Scanned, StreamFramer};
+use encap_proto::sip::{frame_datagram_scanned, Framed, FramingError, Scanned, StreamFramer};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -30,6 +30,10 @@ use crate::core::router::{ConnId, Peer};
 
 /// Largest UDP datagram read (the IPv4 maximum payload).
 const MAX_DATAGRAM: usize = 65_535;
+/// Finds the blank line that ends a header section (built once: building
+/// a searcher per read cost as much as the search).
+static END_OF_HEAD: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
 /// Pause after a failed accept (e.g. out of file descriptors), so the loop
 /// does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -62,12 +66,18 @@ pub(super) async fn serve_udp(
             remote,
             local,
         };
+        // Framed and scanned in one walk of the datagram.
         let datagram = Bytes::copy_from_slice(&buf[..n]);
-        match frame_datagram(datagram.clone(), &shared.settings.limits) {
-            Ok(Framed::Message(m)) => shared.feed(|r| r.handle_sip(now, arrival, peer, m)),
-            Ok(Framed::Ping | Framed::Pong) => {}
+        match frame_datagram_scanned(datagram, &shared.settings.limits) {
+            Ok(Scanned::Message(msg)) => {
+                shared.feed(|r| r.handle_scanned(now, arrival, peer, msg));
+            }
+            Ok(Scanned::Invalid { message, error }) => {
+                shared.feed(|r| r.handle_unscannable(peer, &message, &error));
+            }
+            Ok(Scanned::Ping | Scanned::Pong) => {}
             Err(FramingError::BodyTooLarge { .. } | FramingError::HeaderTooLarge { .. }) => {
-                let head = &datagram[..n.min(shared.settings.limits.max_header_bytes)];
+                let head = &buf[..n.min(shared.settings.limits.max_header_bytes)];
                 shared.feed(|r| r.handle_oversized(peer, head));
             }
             Err(e) => {
@@ -223,26 +233,35 @@ async fn read_messages(
     let mut last_read = Instant::now();
     // When the first byte of an unfinished header section arrived.
     let mut head_started: Option<Instant> = None;
+    // One timer for the connection, armed at or before the real deadline
+    // (reads and writes only push the idle deadline later): when it fires
+    // early it is re-armed, so a read costs no timer registration.
+    let mut armed = last_read + s.idle_timeout;
+    let timer = tokio::time::sleep_until(armed.into());
+    let stopped = state.cancel.cancelled();
+    let shutdown = shared.shutdown.cancelled();
+    tokio::pin!(timer, stopped, shutdown);
     loop {
-        let idle_at = last_read.max(state.last_write.get()) + s.idle_timeout;
-        let deadline = head_started.map_or(idle_at, |h| idle_at.min(h + s.header_read_timeout));
         let n = tokio::select! {
             r = rd.read_buf(&mut buf) => match r {
                 Ok(n) => n,
                 Err(e) => return End::Error(e),
             },
-            () = tokio::time::sleep_until(deadline.into()) => {
+            () = &mut timer => {
                 let now = Instant::now();
                 if head_started.is_some_and(|h| now >= h + s.header_read_timeout) {
                     return End::HeaderTimeout;
                 }
-                if now >= last_read.max(state.last_write.get()) + s.idle_timeout {
+                let idle_at = last_read.max(state.last_write.get()) + s.idle_timeout;
+                if now >= idle_at {
                     return End::Idle;
                 }
+                armed = head_started.map_or(idle_at, |h| idle_at.min(h + s.header_read_timeout));
+                timer.as_mut().reset(armed.into());
                 continue;
             }
-            () = state.cancel.cancelled() => return End::Stopped,
-            () = shared.shutdown.cancelled() => return End::Stopped,
+            () = &mut stopped => return End::Stopped,
+            () = &mut shutdown => return End::Stopped,
         };
         let now = Instant::now();
         last_read = now;
@@ -296,13 +315,20 @@ async fn read_messages(
         if eof {
             return End::Eof;
         }
-        head_started = if buf.is_empty() || memchr::memmem::find(&buf, b"\r\n\r\n").is_some() {
+        head_started = if buf.is_empty() || END_OF_HEAD.find(&buf).is_some() {
             None
         } else if framed_any || head_started.is_none() {
             Some(now)
         } else {
             head_started
         };
+        if let Some(h) = head_started {
+            let due = h + s.header_read_timeout;
+            if due < armed {
+                armed = due;
+                timer.as_mut().reset(armed.into());
+            }
+        }
     }
 }
 
