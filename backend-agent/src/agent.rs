@@ -27,6 +27,8 @@ use tracing::{debug, info, warn};
 
 use crate::dialogs::{DialogCounter, DEFAULT_MAX_CALL_AGE};
 use crate::link::{Link, LinkConfig, LinkError, LinkEvent};
+use crate::peer::driver::{self as peer_driver, PeerRuntime};
+use crate::peer::{PeerConfig, PeerMetrics, PeerPolicy};
 use crate::resolve::{ResolveError, Resolver};
 use crate::route::{request_next_hop, response_next_hop, RouteError};
 use crate::stamp::{is_agent_via, Stamper};
@@ -53,6 +55,10 @@ pub struct AgentConfig {
     pub max_call_age: Duration,
     /// DNS servers for next hops that are names; empty: the system's.
     pub name_servers: Vec<SocketAddr>,
+    /// Peer mode (README "Peer mode"): the agent listens for SIP itself
+    /// and balances with its peers. Default: off. With it, `balancers`
+    /// may be empty.
+    pub peer: Option<PeerConfig>,
 }
 
 impl AgentConfig {
@@ -68,6 +74,7 @@ impl AgentConfig {
             inbound_queue: 4096,
             max_call_age: DEFAULT_MAX_CALL_AGE,
             name_servers: Vec::new(),
+            peer: None,
         }
     }
 }
@@ -75,9 +82,20 @@ impl AgentConfig {
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// No balancer address was given: set `AgentConfig::balancers`.
-    #[error("no balancer configured: set AgentConfig::balancers")]
+    /// No balancer address was given: set `AgentConfig::balancers` (or
+    /// `AgentConfig::peer`).
+    #[error("no balancer configured: set AgentConfig::balancers or AgentConfig::peer")]
     NoBalancer,
+    /// A peer-mode listener could not be bound.
+    #[error("cannot bind the {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Its address.
+        addr: SocketAddr,
+        /// The system's error.
+        source: std::io::Error,
+    },
     /// The system DNS configuration is unusable; set `name_servers`.
     #[error(transparent)]
     Resolver(#[from] ResolveError),
@@ -104,10 +122,24 @@ pub enum SendError {
     Shutdown,
 }
 
+/// Which way a message reached the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Through a balancer link.
+    Balancer,
+    /// On the agent's own SIP listener (peer mode); it is answered there.
+    Listener,
+    /// Forwarded by a peer over its peer link (peer mode).
+    Peer,
+}
+
 /// Where an inbound message came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Meta {
-    /// The balancer (its agent port) it came through.
+    /// Which way it came.
+    pub source: Source,
+    /// The balancer (its agent port) or peer it came through; for
+    /// [`Source::Listener`], the listener's address.
     pub balancer: SocketAddr,
     /// Our backend id at that balancer.
     pub backend_id: u16,
@@ -177,12 +209,16 @@ struct LinkSlot {
     commands: mpsc::Sender<Command>,
     state: LinkState,
     addresses: Vec<PublicAddress>,
+    /// A peer's link (peer mode), not a balancer's.
+    peer: bool,
+    /// The name the other side gave in CHALLENGE.
+    remote_name: Option<String>,
 }
 
 #[derive(Debug)]
-struct Shared {
-    config: AgentConfig,
-    keys: TagKeys,
+pub(crate) struct Shared {
+    pub(crate) config: AgentConfig,
+    pub(crate) keys: TagKeys,
     links: Mutex<HashMap<SocketAddr, LinkSlot>>,
     dialogs: Mutex<DialogCounter>,
     capacity: AtomicU32,
@@ -195,7 +231,8 @@ struct Shared {
     bytes_out: AtomicU64,
     cpu: Mutex<CpuSampler>,
     resolver: Resolver,
-    shutdown: watch::Sender<bool>,
+    pub(crate) shutdown: watch::Sender<bool>,
+    pub(crate) peer: Option<Arc<PeerRuntime>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -281,9 +318,16 @@ impl Agent {
     /// balancer, connecting at once and reconnecting with capped
     /// exponential backoff and jitter.
     pub fn start(config: AgentConfig) -> Result<(Agent, Inbound), AgentError> {
-        if config.balancers.is_empty() {
+        if config.balancers.is_empty() && config.peer.is_none() {
             return Err(AgentError::NoBalancer);
         }
+        let (peer, listeners) = match &config.peer {
+            Some(p) => {
+                let (rt, listeners) = PeerRuntime::bind(p.clone(), &config.name)?;
+                (Some(Arc::new(rt)), Some(listeners))
+            }
+            None => (None, None),
+        };
         let resolver = if config.name_servers.is_empty() {
             Resolver::system()?
         } else {
@@ -305,9 +349,23 @@ impl Agent {
             cpu: Mutex::new(CpuSampler::default()),
             resolver,
             shutdown,
+            peer,
             config,
         });
-        for &balancer in &shared.config.balancers {
+        let peers = shared.config.peer.as_ref().map_or(Vec::new(), |p| {
+            p.peers
+                .iter()
+                .copied()
+                .filter(|a| *a != p.peer_listen && !shared.config.balancers.contains(a))
+                .collect()
+        });
+        let dial = shared
+            .config
+            .balancers
+            .iter()
+            .map(|a| (*a, false))
+            .chain(peers.into_iter().map(|a| (a, true)));
+        for (balancer, is_peer) in dial {
             let (commands, command_rx) = mpsc::channel(4096);
             lock(&shared.links).insert(
                 balancer,
@@ -315,9 +373,20 @@ impl Agent {
                     commands,
                     state: LinkState::Connecting,
                     addresses: Vec::new(),
+                    peer: is_peer,
+                    remote_name: None,
                 },
             );
-            tokio::spawn(run_link(shared.clone(), balancer, command_rx, tx.clone()));
+            tokio::spawn(run_link(
+                shared.clone(),
+                balancer,
+                is_peer,
+                command_rx,
+                tx.clone(),
+            ));
+        }
+        if let Some(listeners) = listeners {
+            peer_driver::spawn(&shared, listeners, tx);
         }
         Ok((Agent { shared }, Inbound { rx }))
     }
@@ -397,7 +466,42 @@ impl Agent {
 
     /// Closes every link in order (GOODBYE) and ends the inbound stream.
     pub fn shutdown(&self) {
-        let _ = self.shared.shutdown.send(true);
+        // Stored even with no receiver now: tasks that subscribe later see it.
+        self.shared.shutdown.send_replace(true);
+        if let Some(rt) = &self.shared.peer {
+            rt.stop();
+        }
+    }
+
+    /// Replaces the peer-mode thresholds and rules; the next new call is
+    /// decided with them. `false` when peer mode is off.
+    pub fn set_peer_policy(&self, policy: PeerPolicy) -> bool {
+        match &self.shared.peer {
+            Some(rt) => {
+                info!(
+                    local_below_percent = policy.local_below_percent,
+                    handoff_margin_points = policy.handoff_margin_points,
+                    rules = policy.rules.len(),
+                    "peer policy replaced"
+                );
+                rt.set_policy(policy);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The peer-mode thresholds and rules in force; `None` when peer mode
+    /// is off.
+    pub fn peer_policy(&self) -> Option<PeerPolicy> {
+        self.shared.peer.as_ref().map(|rt| rt.policy())
+    }
+
+    /// Peer mode's metrics: hand-offs by peer and reason, calls kept by
+    /// reason, every peer's state and load; `None` when peer mode is off.
+    pub fn peer_metrics(&self) -> Option<PeerMetrics> {
+        let local = crate::peer::decide::load_percent(&self.shared.load_now());
+        self.shared.peer.as_ref().map(|rt| rt.metrics(local))
     }
 
     /// Sends a response to `request` through the balancer it came from,
@@ -416,7 +520,34 @@ impl Agent {
             .resolve(&response_next_hop(&via)?)
             .await?;
         let meta = request.meta;
-        let (balancer, public, backend_id) = self.pick_link(Some(meta.balancer), transport)?;
+        let link = self.pick_link(Some(meta.balancer), transport);
+        // Peer mode: a request from our own listener is answered on the
+        // socket or connection it came on; one a peer forwarded goes back
+        // through that peer, or straight out if its link is gone.
+        let direct = meta.source == Source::Listener
+            || (meta.source == Source::Peer
+                && link.as_ref().map_or(true, |(b, ..)| *b != meta.balancer));
+        if direct {
+            let rt = self.shared.peer.as_ref().ok_or(SendError::NoBalancer)?;
+            let stamper = Stamper {
+                keys: &self.shared.keys,
+                backend_id: rt.own_id,
+                public: rt.config.sip_public,
+            };
+            let message = stamper.response(&msg);
+            self.count_out(&msg, message.len());
+            // The connection id is ours only for our own listener.
+            let connection = (meta.source == Source::Listener).then_some(meta.connection);
+            peer_driver::send_now(&self.shared, rt, transport, connection, next_hop, message);
+            return Ok(());
+        }
+        let (balancer, mut public, mut backend_id) = link?;
+        if let (Source::Peer, Some(rt)) = (meta.source, &self.shared.peer) {
+            // A call a peer forwarded is ours: in-dialog requests must
+            // name us and come to our own address.
+            public = rt.config.sip_public;
+            backend_id = rt.own_id;
+        }
         let stamper = Stamper {
             keys: &self.shared.keys,
             backend_id,
@@ -448,7 +579,24 @@ impl Agent {
             .resolver
             .resolve(&request_next_hop(&msg)?)
             .await?;
-        let (balancer, public, backend_id) = self.pick_link(None, transport)?;
+        let (balancer, public, backend_id) =
+            match (self.pick_link(None, transport), &self.shared.peer) {
+                (Ok(link), _) => link,
+                (Err(_), Some(rt)) => {
+                    // Peer mode without a balancer: out of our own listener,
+                    // Via and Contact naming us, so the answers come back here.
+                    let stamper = Stamper {
+                        keys: &self.shared.keys,
+                        backend_id: rt.own_id,
+                        public: rt.config.sip_public,
+                    };
+                    let message = stamper.request(&msg, transport);
+                    self.count_out(&msg, message.len());
+                    peer_driver::send_now(&self.shared, rt, transport, None, next_hop, message);
+                    return Ok(());
+                }
+                (Err(e), None) => return Err(e),
+            };
         let stamper = Stamper {
             keys: &self.shared.keys,
             backend_id,
@@ -469,7 +617,8 @@ impl Agent {
     }
 
     /// The link to send through: `prefer` if established, else any
-    /// established one; with the balancer's public address for `transport`.
+    /// established balancer link (never a peer's: a peer relays only what
+    /// it forwarded); with the balancer's public address for `transport`.
     fn pick_link(
         &self,
         prefer: Option<SocketAddr>,
@@ -491,7 +640,11 @@ impl Agent {
         prefer
             .and_then(|p| links.get(&p).and_then(|slot| usable(&p, slot)))
             .or_else(|| {
-                let mut all: Vec<_> = links.iter().filter_map(|(a, s)| usable(a, s)).collect();
+                let mut all: Vec<_> = links
+                    .iter()
+                    .filter(|(_, s)| !s.peer)
+                    .filter_map(|(a, s)| usable(a, s))
+                    .collect();
                 all.sort();
                 all.into_iter().next()
             })
@@ -504,11 +657,7 @@ impl Agent {
         msg: &SipMessage,
         sip: SipFromBackend,
     ) -> Result<(), SendError> {
-        lock(&self.shared.dialogs).outbound(Instant::now(), msg);
-        self.shared.msgs_out.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .bytes_out
-            .fetch_add(sip.message.len() as u64, Ordering::Relaxed);
+        self.count_out(msg, sip.message.len());
         let sender = lock(&self.shared.links)
             .get(&balancer)
             .map(|s| s.commands.clone())
@@ -520,7 +669,43 @@ impl Agent {
     }
 }
 
+impl Agent {
+    fn count_out(&self, msg: &SipMessage, len: usize) {
+        lock(&self.shared.dialogs).outbound(Instant::now(), msg);
+        self.shared.msgs_out.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .bytes_out
+            .fetch_add(len as u64, Ordering::Relaxed);
+    }
+}
+
 impl Shared {
+    /// The load now, for peer-mode decisions: calls, capacity and score
+    /// (no CPU sample, which would shorten the reports' CPU window).
+    pub(crate) fn load_now(&self) -> LoadReport {
+        let score = self.score.load(Ordering::Relaxed);
+        LoadReport {
+            active_calls: u32::try_from(lock(&self.dialogs).active()).unwrap_or(u32::MAX),
+            capacity: self.capacity.load(Ordering::Relaxed),
+            score: (score != u16::MAX).then_some(score),
+            ..LoadReport::default()
+        }
+    }
+
+    /// The SIP addresses a peer gave us when we dialed it (its WELCOME),
+    /// found by the name it gave (its CHALLENGE).
+    pub(crate) fn peer_sip_address(&self, name: &str) -> Option<Vec<PublicAddress>> {
+        lock(&self.links)
+            .values()
+            .find(|s| {
+                s.peer
+                    && s.remote_name.as_deref() == Some(name)
+                    && matches!(s.state, LinkState::Established { .. })
+            })
+            .map(|s| s.addresses.clone())
+            .filter(|a| !a.is_empty())
+    }
+
     fn load(&self) -> LoadReport {
         let active = lock(&self.dialogs).active();
         let score = self.score.load(Ordering::Relaxed);
@@ -567,6 +752,7 @@ impl Shared {
 async fn run_link(
     shared: Arc<Shared>,
     balancer: SocketAddr,
+    is_peer: bool,
     mut commands: mpsc::Receiver<Command>,
     inbound: mpsc::Sender<Incoming>,
 ) {
@@ -577,16 +763,24 @@ async fn run_link(
             return;
         }
         shared.set_state(balancer, LinkState::Connecting, None);
-        let reason =
-            match serve_link(&shared, balancer, &mut commands, &inbound, &mut shutdown).await {
-                Ok(Served::Shutdown) => return,
-                Ok(Served::Established(e)) => {
-                    // It worked for a while: start the backoff over.
-                    delay = shared.config.reconnect_initial;
-                    e.to_string()
-                }
-                Err(e) => e,
-            };
+        let reason = match serve_link(
+            &shared,
+            balancer,
+            is_peer,
+            &mut commands,
+            &inbound,
+            &mut shutdown,
+        )
+        .await
+        {
+            Ok(Served::Shutdown) => return,
+            Ok(Served::Established(e)) => {
+                // It worked for a while: start the backoff over.
+                delay = shared.config.reconnect_initial;
+                e.to_string()
+            }
+            Err(e) => e,
+        };
         // Capped exponential backoff with ±20% jitter.
         let jitter = 0.8 + rand::random::<f64>() * 0.4;
         let wait = delay.mul_f64(jitter);
@@ -615,6 +809,7 @@ enum Served {
 async fn serve_link(
     shared: &Arc<Shared>,
     balancer: SocketAddr,
+    is_peer: bool,
     commands: &mut mpsc::Receiver<Command>,
     inbound: &mpsc::Sender<Incoming>,
     shutdown: &mut watch::Receiver<bool>,
@@ -659,11 +854,17 @@ async fn serve_link(
                     );
                 }
                 LinkEvent::Sip(sip) => {
+                    let source = if is_peer {
+                        Source::Peer
+                    } else {
+                        Source::Balancer
+                    };
                     deliver(
                         shared,
                         balancer,
                         link.backend_id().unwrap_or(0),
                         sip,
+                        source,
                         inbound,
                     )
                     .await
@@ -698,7 +899,14 @@ async fn serve_link(
         let wake = link.poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
             frame = framed.next() => match frame {
-                Some(Ok(frame)) => link.handle_frame(Instant::now(), frame),
+                Some(Ok(frame)) => {
+                    if let encap_proto::frame::Frame::Challenge(c) = &frame {
+                        if let Some(slot) = lock(&shared.links).get_mut(&balancer) {
+                            slot.remote_name = Some(c.balancer.clone());
+                        }
+                    }
+                    link.handle_frame(Instant::now(), frame)
+                }
                 Some(Err(e)) => {
                     if let encap_proto::frame::CodecError::Frame(fe) = &e {
                         let _ = framed.send(fe.to_error_frame()).await;
@@ -736,11 +944,12 @@ async fn serve_link(
 
 /// Hands a message to the application (rsip-typed, or raw with the
 /// parse error), after removing the agent's own Via from responses.
-async fn deliver(
+pub(crate) async fn deliver(
     shared: &Shared,
     balancer: SocketAddr,
     backend_id: u16,
     sip: SipToBackend,
+    source: Source,
     inbound: &mpsc::Sender<Incoming>,
 ) {
     shared.msgs_in.fetch_add(1, Ordering::Relaxed);
@@ -770,6 +979,7 @@ async fn deliver(
     let raw = scanned.bytes().clone();
     let parsed = rsip::SipMessage::try_from(raw.clone());
     let meta = Meta {
+        source,
         balancer,
         backend_id,
         connection: sip.connection,

@@ -47,13 +47,19 @@
 //! * [`link`]: one balancer link (handshake, load reports, ping, drain);
 //! * [`route`]: the next hop of a response (Via) or a request (Route /
 //!   Request-URI);
-//! * [`dialogs`]: active calls counted from the dialogs that pass.
+//! * [`dialogs`]: active calls counted from the dialogs that pass;
+//! * [`peer::decide`]: peer mode's choice of where a new call goes.
+//!
+//! Without a balancer, [`peer`] mode lets the backends balance among
+//! themselves: the agent listens for SIP itself and hands calls to lighter
+//! peers (by 302 or by forwarding over a peer link).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod agent;
 pub mod dialogs;
 pub mod link;
+pub mod peer;
 pub mod resolve;
 pub mod respond;
 pub mod route;
