@@ -7,7 +7,7 @@ use bytes::Bytes;
 use encap_proto::frame::Transport;
 use encap_proto::sip::{NameAddr, SipMessage, Uri};
 
-use crate::trace::{Assertion, Op};
+use crate::trace::{Assertion, Endpoint, Op};
 
 /// The variables of a running trace.
 pub type Vars = HashMap<String, String>;
@@ -102,6 +102,14 @@ impl Received {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.bytes).into_owned()
     }
+
+    /// Where it was received, written `actor` or `actor/conn`.
+    pub fn at(&self) -> Endpoint {
+        Endpoint {
+            actor: self.actor.clone(),
+            conn: self.conn.clone(),
+        }
+    }
 }
 
 /// The result of one assertion.
@@ -188,6 +196,18 @@ pub fn select(r: &Received, selector: &str) -> Result<Option<String>, String> {
         Some((h, rest)) => (h, Some(rest)),
         None => (selector, None),
     };
+    if let Some((how, name)) = selector.split_once(':') {
+        let mut all: Vec<String> = Vec::new();
+        for v in msg.headers(name) {
+            all.extend(split_list(&s(v)));
+        }
+        match how {
+            "all" => {}
+            "reversed" => all.reverse(),
+            other => return Err(format!("`{other}:`: expected `all:` or `reversed:`")),
+        }
+        return Ok((!all.is_empty()).then(|| all.join(", ")));
+    }
     if let Some(name) = head.strip_prefix('#') {
         let n = if name.eq_ignore_ascii_case("via") || name.eq_ignore_ascii_case("v") {
             msg.vias().count()
@@ -226,6 +246,32 @@ pub fn select(r: &Received, selector: &str) -> Result<Option<String>, String> {
             }
         }
     })
+}
+
+/// The comma-separated values of one header line (commas inside `<>` and
+/// quotes do not separate), trimmed.
+fn split_list(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let (mut angle, mut quote) = (false, false);
+    let mut cur = String::new();
+    for c in line.chars() {
+        match c {
+            '"' if !angle => quote = !quote,
+            '<' if !quote => angle = true,
+            '>' if !quote => angle = false,
+            ',' if !angle && !quote => {
+                out.push(cur.trim().to_owned());
+                cur.clear();
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_owned());
+    }
+    out
 }
 
 /// The first value of header `name` found by a plain line scan (full names
@@ -343,6 +389,20 @@ mod tests {
         assert_eq!(get("Contact.uri.transport").as_deref(), Some("tcp"));
         assert_eq!(get("Contact.uri.port").as_deref(), Some("5060"));
         assert_eq!(get("X-Viaduct-Backend"), None);
+        let rr = received(
+            "SIP/2.0 200 OK\r\nRecord-Route: <sip:p1;lr>, \"a,b\" <sip:p2;lr>\r\n\
+             Record-Route: <sip:p3;lr>\r\nVia: SIP/2.0/UDP x;branch=z9hG4bK-1\r\n\
+             Call-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n",
+        );
+        assert_eq!(
+            select(&rr, "all:Record-Route").unwrap().as_deref(),
+            Some("<sip:p1;lr>, \"a,b\" <sip:p2;lr>, <sip:p3;lr>")
+        );
+        assert_eq!(
+            select(&rr, "reversed:Record-Route").unwrap().as_deref(),
+            Some("<sip:p3;lr>, \"a,b\" <sip:p2;lr>, <sip:p1;lr>")
+        );
+        assert_eq!(select(&rr, "all:Route").unwrap(), None);
         assert!(select(&r, "frame.peer").is_err());
     }
 

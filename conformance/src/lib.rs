@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod proc;
 pub mod render;
 pub mod report;
 pub mod run;

@@ -85,6 +85,9 @@ pub fn normalise(text: &str, vars: &Vars) -> String {
     // Longest first, then by name, so the result is deterministic.
     addrs.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(b.0)));
     let mut out = text.replace("\r\n", "\n");
+    if let Some(run) = vars.get("run").filter(|r| !r.is_empty()) {
+        out = out.replace(run.as_str(), "${run}");
+    }
     for (k, v) in &addrs {
         out = out.replace(v.as_str(), &format!("${{{k}}}"));
     }

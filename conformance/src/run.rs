@@ -37,15 +37,90 @@ use crate::trace::{ActorKind, Addressing, Endpoint, ExpectKind, Mode, Net, Paylo
 /// default of `quiet`.
 pub const QUIET: Duration = Duration::from_millis(300);
 
+/// What the traces run against.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// The `viaduct` binary, a fresh one per trace, backends simulated as
+    /// agents: the `agent` traces.
+    Viaduct {
+        /// The binary.
+        bin: PathBuf,
+    },
+    /// The `viaduct` binary, a fresh one per trace, with a plain-SIP pool
+    /// (`mode = "sip"`) of the trace's sip-server actors: the `plain`
+    /// traces.
+    ViaductSip {
+        /// The binary.
+        bin: PathBuf,
+    },
+    /// Any SIP load balancer already running at `balancer`, whose
+    /// configuration lists the sip-server actors at `server_port` (e.g.
+    /// `conformance/kamailio/`): the `plain` traces, one at a time.
+    Sip {
+        /// Its SIP address (UDP and TCP).
+        balancer: SocketAddr,
+        /// The port every sip-server actor listens on, at its own IP.
+        server_port: u16,
+    },
+    /// A fresh `viaduct` per trace and, behind it, the user's backend
+    /// command (`sh -c CMD`) once per backend actor: the `backend` traces.
+    Backend {
+        /// The `viaduct` binary.
+        bin: PathBuf,
+        /// The command; it finds the balancer in `$VIADUCT_AGENTS`, the
+        /// secret in `$VIADUCT_SECRET`, its name in `$VIADUCT_BACKEND_NAME`.
+        cmd: String,
+    },
+}
+
+impl Target {
+    /// Whether traces of `mode` run against this target.
+    pub fn runs(&self, mode: Mode) -> bool {
+        matches!(
+            (self, mode),
+            (Target::Viaduct { .. }, Mode::Agent)
+                | (Target::ViaductSip { .. } | Target::Sip { .. }, Mode::Plain)
+                | (Target::Backend { .. }, Mode::Backend)
+        )
+    }
+
+    /// The target's kind, as `--target` spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Viaduct { .. } => "viaduct",
+            Target::ViaductSip { .. } => "viaduct-sip",
+            Target::Sip { .. } => "sip",
+            Target::Backend { .. } => "backend",
+        }
+    }
+
+    /// How many traces may run at once: one against a long-lived balancer
+    /// (its sip-server addresses are fixed).
+    pub fn max_jobs(&self) -> usize {
+        match self {
+            Target::Sip { .. } => 1,
+            _ => usize::MAX,
+        }
+    }
+}
+
 /// What a run needs to know.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The `viaduct` binary.
-    pub bin: PathBuf,
+    /// What is under test.
+    pub target: Target,
+    /// The target's name: the scorecard's label and the key of
+    /// `known-failure(NAME):` marks (e.g. `viaduct-sip`, `kamailio`).
+    pub name: String,
     /// The folder `file` payloads are relative to (the corpus).
     pub corpus: PathBuf,
-    /// The balancer's address.
+    /// The address a `viaduct` started by the runner listens on (`::1` is
+    /// taken instead for a trace whose actors are IPv6).
     pub lb_ip: String,
+    /// The value of `${run}`; `None`: a random nonce per trace run (so that
+    /// re-runs against a long-lived balancer never reuse a Call-ID). Tests
+    /// fix it so that snapshots do not change from run to run.
+    pub nonce: Option<String>,
 }
 
 /// How a trace ended.
@@ -77,8 +152,12 @@ pub struct TraceResult {
     pub id: String,
     /// Its group.
     pub group: String,
+    /// The rule it checks.
+    pub rule: String,
     /// How it ended.
     pub outcome: Outcome,
+    /// The reason of the trace's known-failure mark for this target.
+    pub known_reason: Option<String>,
     /// The full failure report (steps, side by side, balancer log tail).
     pub details: String,
     /// Normalised renderings of every message received (for snapshots).
@@ -93,20 +172,19 @@ pub fn run_trace(trace: &Trace, opts: &Options) -> TraceResult {
     let mut result = TraceResult {
         id: trace.id.clone(),
         group: trace.group.clone(),
+        rule: trace.rule.clone(),
         outcome: Outcome::Passed,
+        known_reason: trace.known_failure_for(&opts.name).map(str::to_owned),
         details: String::new(),
         transcript: String::new(),
         elapsed: Duration::ZERO,
     };
-    if trace.mode == Mode::Plain
-        || trace
-            .actors
-            .iter()
-            .any(|a| matches!(a.kind, ActorKind::SipServer { .. }))
-    {
-        result.outcome = Outcome::Skipped(
-            "plain-SIP backends: the runner does not simulate plain SIP servers yet".into(),
-        );
+    if !opts.target.runs(trace.mode) {
+        result.outcome = Outcome::Skipped(format!(
+            "a {} trace: not run against target {}",
+            trace.mode,
+            opts.target.kind()
+        ));
         return result;
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -122,7 +200,7 @@ pub fn run_trace(trace: &Trace, opts: &Options) -> TraceResult {
     let (failure, details, transcript) = runtime.block_on(play(trace, opts));
     result.transcript = transcript;
     result.details = details;
-    result.outcome = match (failure, &trace.known_failure) {
+    result.outcome = match (failure, trace.known_failure_for(&opts.name)) {
         (None, None) => Outcome::Passed,
         (None, Some(_)) => Outcome::UnexpectedPass,
         (Some(f), None) => Outcome::Failed(f),
@@ -366,10 +444,23 @@ async fn start_agent(
 
 // ------------------------------------------------------------------ the play
 
+/// An instance of the user's backend command, killed on drop.
+/// A user backend command (`--target backend`), stopped with its whole
+/// process group: `sh -c "cd d && ./b"` leaves no `b` behind.
+type BackendProc = crate::proc::GroupChild;
+
 struct Play<'a> {
     trace: &'a Trace,
     opts: &'a Options,
-    lb: Viaduct,
+    /// The balancer the runner started, if it did.
+    lb: Option<Viaduct>,
+    /// The balancer's SIP address.
+    lb_sip: SocketAddr,
+    /// Where the sip-server actors listen.
+    servers: HashMap<String, SocketAddr>,
+    /// Outgoing connections opened by sip-server actors.
+    opened: usize,
+    _backends: Vec<BackendProc>,
     vars: Vars,
     tx: mpsc::UnboundedSender<Ev>,
     rx: mpsc::UnboundedReceiver<Ev>,
@@ -397,18 +488,11 @@ fn fail(summary: impl Into<String>) -> Fail {
 }
 
 async fn play(trace: &Trace, opts: &Options) -> (Option<String>, String, String) {
-    let ids: Vec<(String, u16)> = trace
-        .actors
-        .iter()
-        .filter(|a| matches!(a.kind, ActorKind::Agent { .. }))
-        .zip(1u16..)
-        .map(|(a, id)| (a.name.clone(), id))
-        .collect();
-    let lb = match Viaduct::start(&opts.bin, &opts.lb_ip, &ids, &trace.config) {
-        Ok(lb) => lb,
+    let setup = match setup(trace, opts).await {
+        Ok(s) => s,
         Err(e) => {
             return (
-                Some(format!("the balancer did not start: {e}")),
+                Some(format!("the target did not start: {e}")),
                 e,
                 String::new(),
             )
@@ -419,7 +503,11 @@ async fn play(trace: &Trace, opts: &Options) -> (Option<String>, String, String)
         trace,
         opts,
         vars: Vars::new(),
-        lb,
+        lb_sip: setup.lb_sip,
+        lb: setup.lb,
+        servers: setup.servers,
+        opened: 0,
+        _backends: setup.backends,
         tx,
         rx,
         pending: Vec::new(),
@@ -442,11 +530,13 @@ async fn play(trace: &Trace, opts: &Options) -> (Option<String>, String, String)
             report.push('\n');
             report.push_str(&details);
         }
-        let log = p.lb.log();
-        let tail = log.len().saturating_sub(25);
-        report.push_str("\nbalancer log (last lines):\n");
-        for line in &log[tail..] {
-            let _ = writeln!(report, "  viaduct| {line}");
+        if let Some(lb) = &p.lb {
+            let log = lb.log();
+            let tail = log.len().saturating_sub(25);
+            report.push_str("\nbalancer log (last lines):\n");
+            for line in &log[tail..] {
+                let _ = writeln!(report, "  viaduct| {line}");
+            }
         }
         details = report;
     }
@@ -461,6 +551,176 @@ async fn play(trace: &Trace, opts: &Options) -> (Option<String>, String, String)
     }
     let transcript = render::normalise(&p.transcript, &p.vars);
     (summary, details, transcript)
+}
+
+/// What a trace runs against, started.
+struct Setup {
+    lb: Option<Viaduct>,
+    lb_sip: SocketAddr,
+    servers: HashMap<String, SocketAddr>,
+    backends: Vec<BackendProc>,
+}
+
+/// The balancer's address for a trace: `::1` when an actor of the trace is
+/// IPv6 and the runner's address is IPv4.
+fn lb_ip_for(trace: &Trace, opts: &Options) -> String {
+    let v6 = trace.actors.iter().any(|a| match &a.kind {
+        ActorKind::Peer { ip, .. } | ActorKind::SipServer { ip, .. } => ip.contains(':'),
+        _ => false,
+    });
+    if v6 && !opts.lb_ip.contains(':') {
+        "::1".to_owned()
+    } else {
+        opts.lb_ip.clone()
+    }
+}
+
+/// The plain-SIP pool of a trace's sip-server actors, as viaduct
+/// configuration: every request goes to it, placed by a rendezvous hash of
+/// the Call-ID (as a dispatcher's Call-ID hash), no OPTIONS probes (a
+/// probe would be a message the trace does not expect).
+fn plain_pool(servers: &[(String, Net, SocketAddr)]) -> String {
+    let members: Vec<String> = servers
+        .iter()
+        .map(|(name, net, addr)| {
+            let t = match net {
+                Net::Tcp => "tcp",
+                Net::Udp => "udp",
+            };
+            format!("{{ address = \"{addr}\", transport = \"{t}\", name = \"{name}\" }}")
+        })
+        .collect();
+    format!(
+        "[routing]\ndefault_pool = \"plain\"\n\
+         [[pools]]\nname = \"plain\"\nmode = \"sip\"\npolicy = \"hash\"\nprobe_interval_ms = 0\n\
+         members = [{}]\n",
+        members.join(", ")
+    )
+}
+
+async fn setup(trace: &Trace, opts: &Options) -> Result<Setup, String> {
+    let ip = lb_ip_for(trace, opts);
+    let server_actors: Vec<(String, Net, String)> = trace
+        .actors
+        .iter()
+        .filter_map(|a| match &a.kind {
+            ActorKind::SipServer { net, ip } => Some((a.name.clone(), *net, ip.clone())),
+            _ => None,
+        })
+        .collect();
+    let at = |ip: &str, port: u16| -> Result<SocketAddr, String> {
+        let ip: IpAddr = ip.parse().map_err(|_| format!("bad IP `{ip}`"))?;
+        Ok(SocketAddr::new(ip, port))
+    };
+    match &opts.target {
+        Target::Viaduct { bin } => {
+            let ids: Vec<(String, u16)> = trace
+                .actors
+                .iter()
+                .filter(|a| matches!(a.kind, ActorKind::Agent { .. }))
+                .zip(1u16..)
+                .map(|(a, id)| (a.name.clone(), id))
+                .collect();
+            let lb = Viaduct::start(bin, &ip, &ids, &[&trace.config])?;
+            Ok(Setup {
+                lb_sip: lb.sip,
+                lb: Some(lb),
+                servers: HashMap::new(),
+                backends: Vec::new(),
+            })
+        }
+        Target::ViaductSip { bin } => {
+            let mut servers = Vec::new();
+            for (name, net, sip) in &server_actors {
+                let port = crate::target::free_port(sip, &[]).map_err(|e| e.to_string())?;
+                servers.push((name.clone(), *net, at(sip, port)?));
+            }
+            let pool = plain_pool(&servers);
+            let lb = Viaduct::start(bin, &ip, &[], &[&pool, &trace.config])?;
+            Ok(Setup {
+                lb_sip: lb.sip,
+                lb: Some(lb),
+                servers: servers.into_iter().map(|(n, _, a)| (n, a)).collect(),
+                backends: Vec::new(),
+            })
+        }
+        Target::Sip {
+            balancer,
+            server_port,
+        } => {
+            let mut servers = HashMap::new();
+            for (name, _, sip) in &server_actors {
+                servers.insert(name.clone(), at(sip, *server_port)?);
+            }
+            Ok(Setup {
+                lb: None,
+                lb_sip: *balancer,
+                servers,
+                backends: Vec::new(),
+            })
+        }
+        Target::Backend { bin, cmd } => {
+            let lb = Viaduct::start(bin, &ip, &[], &[&trace.config])?;
+            let mut backends = Vec::new();
+            let names: Vec<&str> = trace
+                .actors
+                .iter()
+                .filter(|a| matches!(a.kind, ActorKind::Backend))
+                .map(|a| a.name.as_str())
+                .collect();
+            for name in &names {
+                let child = crate::proc::spawn_group(
+                    std::process::Command::new("sh")
+                        .arg("-c")
+                        .arg(cmd)
+                        .env("VIADUCT_AGENTS", lb.agents.to_string())
+                        .env("VIADUCT_SECRET", String::from_utf8_lossy(SECRET).as_ref())
+                        .env("VIADUCT_BACKEND_NAME", name)
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null()),
+                    Duration::from_secs(2),
+                )
+                .map_err(|e| format!("cannot start the backend command `{cmd}`: {e}"))?;
+                backends.push(child);
+            }
+            // Every instance registered: as many welcomes in the log.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let welcomed = lb
+                    .log()
+                    .iter()
+                    .filter(|l| l.contains("agent welcomed"))
+                    .count();
+                if welcomed >= names.len() {
+                    break;
+                }
+                for (b, name) in backends.iter_mut().zip(&names) {
+                    if let Ok(Some(status)) = b.child().try_wait() {
+                        return Err(format!(
+                            "the backend command `{cmd}` ({name}) exited ({status}) before \
+                             registering with the balancer"
+                        ));
+                    }
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{welcomed} of {} instances of `{cmd}` registered with the balancer \
+                         within 20 s (it gets the agent address in $VIADUCT_AGENTS, the \
+                         secret in $VIADUCT_SECRET)",
+                        names.len()
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(Setup {
+                lb_sip: lb.sip,
+                lb: Some(lb),
+                servers: HashMap::new(),
+                backends,
+            })
+        }
+    }
 }
 
 fn host_of(ip: IpAddr) -> String {
@@ -481,92 +741,34 @@ impl Play<'_> {
     }
 
     async fn run(&mut self) -> Result<(), Fail> {
-        let lb = self.lb.sip;
+        let lb = self.lb_sip;
         self.set_addr("lb", lb);
-        let tx = self.tx.clone();
+        // A nonce of this run, for Call-IDs that must not collide with an
+        // earlier run against a long-lived balancer.
+        let nonce = self
+            .opts
+            .nonce
+            .clone()
+            .unwrap_or_else(|| format!("{:08x}", rand::random::<u32>()));
+        self.vars.insert("run".to_owned(), nonce);
         for actor in &self.trace.actors {
             match &actor.kind {
                 ActorKind::Peer { net, ip } => {
                     let ip: IpAddr = ip.parse().map_err(|_| fail(format!("bad IP {ip}")))?;
-                    match net {
-                        Net::Tcp => {
-                            let listener = TcpListener::bind((ip, 0)).await.map_err(|e| {
-                                fail(format!("{}: cannot listen on {ip}: {e}", actor.name))
-                            })?;
-                            let addr = listener.local_addr().map_err(|e| fail(e.to_string()))?;
-                            self.set_addr(&actor.name, addr);
-                            let tx = tx.clone();
-                            let name = actor.name.clone();
-                            let task = tokio::spawn(async move {
-                                let mut n = 0;
-                                let mut readers = Vec::new();
-                                while let Ok((stream, from)) = listener.accept().await {
-                                    n += 1;
-                                    let conn = format!("in{n}");
-                                    let local = stream.local_addr().unwrap_or(from);
-                                    let (rd, write) = stream.into_split();
-                                    readers.push(spawn_stream_reader(
-                                        name.clone(),
-                                        conn.clone(),
-                                        rd,
-                                        from,
-                                        tx.clone(),
-                                    ));
-                                    let _ = tx.send(Ev::Accepted {
-                                        actor: name.clone(),
-                                        conn,
-                                        write,
-                                        local,
-                                    });
-                                }
-                            });
-                            self.tcp.insert(
-                                actor.name.clone(),
-                                TcpPeer {
-                                    ip,
-                                    conns: HashMap::new(),
-                                    tasks: vec![task],
-                                },
-                            );
-                        }
-                        Net::Udp => {
-                            let socket = UdpSocket::bind((ip, 0)).await.map_err(|e| {
-                                fail(format!("{}: cannot bind {ip}: {e}", actor.name))
-                            })?;
-                            let addr = socket.local_addr().map_err(|e| fail(e.to_string()))?;
-                            self.set_addr(&actor.name, addr);
-                            let socket = Arc::new(socket);
-                            let rd = socket.clone();
-                            let tx = tx.clone();
-                            let name = actor.name.clone();
-                            let task = tokio::spawn(async move {
-                                let mut buf = vec![0u8; 65_536];
-                                while let Ok((n, from)) = rd.recv_from(&mut buf).await {
-                                    let d = Bytes::copy_from_slice(&buf[..n]);
-                                    if let Ok(Framed::Message(m)) =
-                                        frame_datagram(d, &Limits::default())
-                                    {
-                                        let _ = tx.send(Ev::Sip(Received {
-                                            actor: name.clone(),
-                                            conn: None,
-                                            from: Some(from),
-                                            bytes: m,
-                                            frame: None,
-                                        }));
-                                    }
-                                }
-                            });
-                            self.udp
-                                .insert(actor.name.clone(), UdpPeer { socket, task });
-                        }
-                    }
+                    self.bind(&actor.name, *net, SocketAddr::new(ip, 0)).await?;
                 }
+                ActorKind::SipServer { net, .. } => {
+                    let addr = *self.servers.get(&actor.name).ok_or_else(|| {
+                        fail(format!("no address for sip-server `{}`", actor.name))
+                    })?;
+                    self.bind(&actor.name, *net, addr).await?;
+                }
+                ActorKind::Backend => {}
                 ActorKind::Agent { deferred, .. } => {
                     if !deferred {
                         self.start_agent(&actor.name).await?;
                     }
                 }
-                ActorKind::SipServer { .. } => {}
             }
         }
         for located in &self.trace.steps {
@@ -588,16 +790,166 @@ impl Play<'_> {
             self.push(ev);
         }
         if let Some(Ev::Sip(r)) = self.pending.iter().find(|e| matches!(e, Ev::Sip(_))) {
-            let at = match &r.conn {
-                Some(c) => format!("{}/{c}", r.actor),
-                None => r.actor.clone(),
-            };
+            let at = r.at();
             return Err(Fail {
                 summary: format!("after the last step: an unexpected message at {at}"),
                 details: format!("unexpected message at {at}:\n{}", indent(&r.text())),
             });
         }
         Ok(())
+    }
+
+    /// Binds a peer's or a sip-server's socket (a TCP listener, or a UDP
+    /// socket) at `addr` and starts reading it.
+    async fn bind(&mut self, name: &str, net: Net, addr: SocketAddr) -> Result<(), Fail> {
+        let tx = self.tx.clone();
+        let ip = addr.ip();
+        match net {
+            Net::Tcp => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| fail(format!("{name}: cannot listen on {addr}: {e}")))?;
+                let addr = listener.local_addr().map_err(|e| fail(e.to_string()))?;
+                self.set_addr(name, addr);
+                let actor = name.to_owned();
+                let task = tokio::spawn(async move {
+                    let mut n = 0;
+                    let mut readers = Vec::new();
+                    while let Ok((stream, from)) = listener.accept().await {
+                        n += 1;
+                        let conn = format!("in{n}");
+                        let local = stream.local_addr().unwrap_or(from);
+                        let (rd, write) = stream.into_split();
+                        readers.push(spawn_stream_reader(
+                            actor.clone(),
+                            conn.clone(),
+                            rd,
+                            from,
+                            tx.clone(),
+                        ));
+                        let _ = tx.send(Ev::Accepted {
+                            actor: actor.clone(),
+                            conn,
+                            write,
+                            local,
+                        });
+                    }
+                });
+                self.tcp.insert(
+                    name.to_owned(),
+                    TcpPeer {
+                        ip,
+                        conns: HashMap::new(),
+                        tasks: vec![task],
+                    },
+                );
+            }
+            Net::Udp => {
+                let socket = UdpSocket::bind(addr)
+                    .await
+                    .map_err(|e| fail(format!("{name}: cannot bind {addr}: {e}")))?;
+                let addr = socket.local_addr().map_err(|e| fail(e.to_string()))?;
+                self.set_addr(name, addr);
+                let socket = Arc::new(socket);
+                let rd = socket.clone();
+                let actor = name.to_owned();
+                let task = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65_536];
+                    while let Ok((n, from)) = rd.recv_from(&mut buf).await {
+                        let d = Bytes::copy_from_slice(&buf[..n]);
+                        if let Ok(Framed::Message(m)) = frame_datagram(d, &Limits::default()) {
+                            let _ = tx.send(Ev::Sip(Received {
+                                actor: actor.clone(),
+                                conn: None,
+                                from: Some(from),
+                                bytes: m,
+                                frame: None,
+                            }));
+                        }
+                    }
+                });
+                self.udp.insert(name.to_owned(), UdpPeer { socket, task });
+            }
+        }
+        Ok(())
+    }
+
+    fn is_server(&self, name: &str) -> bool {
+        matches!(
+            self.trace.actor(name).map(|a| &a.kind),
+            Some(ActorKind::SipServer { .. })
+        )
+    }
+
+    /// A sip-server actor sends a message the way a SIP server's transport
+    /// does: a response to the top Via (RFC 3261 §18.2.2: on the request's
+    /// connection over TCP; over UDP to `received`, the `rport` or sent-by
+    /// port), a request to the top Route, else the Request-URI (§8.1.2),
+    /// over UDP from its socket or over a new TCP connection from its IP.
+    async fn server_send(
+        &mut self,
+        server: &str,
+        addressing: &Addressing,
+        bytes: Vec<u8>,
+    ) -> Result<(), Fail> {
+        let message = Bytes::from(bytes);
+        let msg = SipMessage::parse(message.clone())
+            .map_err(|e| fail(format!("{server}: the message does not scan: {e}")))?;
+        let (conn, dest) = match addressing {
+            Addressing::ReplyTo(request) => {
+                let request = self.sub(request)?;
+                let saved = self
+                    .saved
+                    .get(&request)
+                    .ok_or_else(|| fail(format!("no message saved as `{request}`")))?;
+                if saved.actor != server {
+                    return Err(fail(format!(
+                        "`{request}` was received by {}, not {server}",
+                        saved.actor
+                    )));
+                }
+                let (_, dest) = via_next_hop(&msg)?;
+                (saved.conn.clone(), dest)
+            }
+            Addressing::Request => {
+                let (_, dest) = request_next_hop(&msg)?;
+                (None, dest)
+            }
+            Addressing::Explicit { .. } => {
+                return Err(fail(format!(
+                    "`{server}` is a sip-server: it sends with `reply` or `request`"
+                )))
+            }
+        };
+        if let Some(udp) = self.udp.get(server) {
+            udp.socket
+                .send_to(&message, dest)
+                .await
+                .map_err(|e| fail(format!("{server}: send to {dest}: {e}")))?;
+            return Ok(());
+        }
+        let conn = match conn {
+            Some(c) => c,
+            None => {
+                // A new connection from the server's IP.
+                self.opened += 1;
+                let conn = format!("out{}", self.opened);
+                self.open_conn(server, &conn, dest, "has no socket").await?;
+                conn
+            }
+        };
+        let peer = self
+            .tcp
+            .get_mut(server)
+            .ok_or_else(|| fail(format!("`{server}` has no socket")))?;
+        let (write, _) = peer
+            .conns
+            .get_mut(&conn)
+            .ok_or_else(|| fail(format!("{server}: connection `{conn}` is closed")))?;
+        write
+            .write_all(&message)
+            .await
+            .map_err(|e| fail(format!("{server}/{conn}: write: {e}")))
     }
 
     async fn start_agent(&mut self, name: &str) -> Result<(), Fail> {
@@ -610,7 +962,12 @@ impl Play<'_> {
         if let Some(old) = self.agents.remove(name) {
             old.tasks.iter().for_each(JoinHandle::abort);
         }
-        match start_agent(name, &secret, self.lb.agents, &self.tx).await {
+        let agents = self
+            .lb
+            .as_ref()
+            .map(|lb| lb.agents)
+            .ok_or_else(|| fail("agents need a viaduct the runner starts"))?;
+        match start_agent(name, &secret, agents, &self.tx).await {
             Ok(Some(rt)) => {
                 self.vars
                     .insert(format!("{name}.id"), format!("{:04x}", rt.id));
@@ -665,40 +1022,55 @@ impl Play<'_> {
         }
     }
 
+    /// Opens the TCP connection `actor/conn` from the actor's IP to `dest`
+    /// and starts reading it; `missing` completes the error for an actor
+    /// without a TCP socket.
+    async fn open_conn(
+        &mut self,
+        actor: &str,
+        conn: &str,
+        dest: SocketAddr,
+        missing: &str,
+    ) -> Result<(), Fail> {
+        let peer = self
+            .tcp
+            .get_mut(actor)
+            .ok_or_else(|| fail(format!("`{actor}` {missing}")))?;
+        let socket = if peer.ip.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| fail(e.to_string()))?;
+        socket
+            .bind(SocketAddr::new(peer.ip, 0))
+            .map_err(|e| fail(format!("bind {}: {e}", peer.ip)))?;
+        let stream = socket
+            .connect(dest)
+            .await
+            .map_err(|e| fail(format!("{actor}/{conn}: connect {dest}: {e}")))?;
+        let local = stream.local_addr().map_err(|e| fail(e.to_string()))?;
+        let (rd, write) = stream.into_split();
+        peer.tasks.push(spawn_stream_reader(
+            actor.to_owned(),
+            conn.to_owned(),
+            rd,
+            dest,
+            self.tx.clone(),
+        ));
+        peer.conns.insert(conn.to_owned(), (write, local));
+        self.set_addr(&format!("{actor}/{conn}"), local);
+        Ok(())
+    }
+
     async fn step(&mut self, step: &Step) -> Result<(), Fail> {
         match step {
             Step::Connect { at } => {
                 let (actor, conn) = self.endpoint(at)?;
                 let conn = conn.unwrap_or_default();
-                let lb = self.lb.sip;
-                let peer = self
-                    .tcp
-                    .get_mut(&actor)
-                    .ok_or_else(|| fail(format!("`{actor}` is not a TCP peer")))?;
-                let socket = if peer.ip.is_ipv4() {
-                    TcpSocket::new_v4()
-                } else {
-                    TcpSocket::new_v6()
-                }
-                .map_err(|e| fail(e.to_string()))?;
-                socket
-                    .bind(SocketAddr::new(peer.ip, 0))
-                    .map_err(|e| fail(format!("bind {}: {e}", peer.ip)))?;
-                let stream = socket
-                    .connect(lb)
-                    .await
-                    .map_err(|e| fail(format!("{actor}/{conn}: connect {lb}: {e}")))?;
-                let local = stream.local_addr().map_err(|e| fail(e.to_string()))?;
-                let (rd, write) = stream.into_split();
-                peer.tasks.push(spawn_stream_reader(
-                    actor.clone(),
-                    conn.clone(),
-                    rd,
-                    lb,
-                    self.tx.clone(),
-                ));
-                peer.conns.insert(conn.clone(), (write, local));
-                self.set_addr(&format!("{actor}/{conn}"), local);
+                let lb = self.lb_sip;
+                self.open_conn(&actor, &conn, lb, "is not a TCP peer")
+                    .await?;
             }
             Step::Send {
                 from,
@@ -707,7 +1079,7 @@ impl Play<'_> {
             } => {
                 let (actor, conn) = self.endpoint(from)?;
                 let bytes = self.payload(payload)?;
-                let lb = self.lb.sip;
+                let lb = self.lb_sip;
                 if let Some(udp) = self.udp.get(&actor) {
                     udp.socket
                         .send_to(&bytes, lb)
@@ -743,6 +1115,9 @@ impl Play<'_> {
             } => {
                 let agent = self.sub(agent)?;
                 let bytes = self.payload(payload)?;
+                if self.is_server(&agent) {
+                    return self.server_send(&agent, addressing, bytes).await;
+                }
                 let frame = self.addressed(&agent, addressing, bytes)?;
                 let rt = self
                     .agents
@@ -760,6 +1135,7 @@ impl Play<'_> {
                 within,
                 who,
                 save,
+                final_only,
                 assertions,
             } => {
                 let targets: Vec<(String, Option<String>)> = targets
@@ -767,20 +1143,30 @@ impl Play<'_> {
                     .map(|t| self.endpoint(t))
                     .collect::<Result<_, _>>()?;
                 let within = within.unwrap_or(self.trace.timeout);
-                let ev = self
-                    .wait_for(&targets, *kind, within)
-                    .await
-                    .ok_or_else(|| {
-                        let what = match kind {
-                            ExpectKind::Sip => "no SIP message",
-                            ExpectKind::Pong => "no pong",
-                            ExpectKind::Closed => "no close",
-                            ExpectKind::Refused => "no refusal",
-                        };
-                        let mut f = fail(format!("{what} at {label} within {within:?}"));
-                        f.details = self.expected_vs(assertions, None);
-                        f
-                    })?;
+                let deadline = tokio::time::Instant::now() + within;
+                let ev = loop {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match self.wait_for(&targets, *kind, left).await {
+                        Some(Ev::Sip(r)) if *final_only && is_provisional(&r.bytes) => {
+                            let _ = writeln!(
+                                self.log,
+                                "            (passed over a provisional response at {label})"
+                            );
+                        }
+                        other => break other,
+                    }
+                };
+                let ev = ev.ok_or_else(|| {
+                    let what = match kind {
+                        ExpectKind::Sip => "no SIP message",
+                        ExpectKind::Pong => "no pong",
+                        ExpectKind::Closed => "no close",
+                        ExpectKind::Refused => "no refusal",
+                    };
+                    let mut f = fail(format!("{what} at {label} within {within:?}"));
+                    f.details = self.expected_vs(assertions, None);
+                    f
+                })?;
                 if let Some(who) = who {
                     // `-> backend` also names the actor's own variables
                     // (`${backend.id}`).
@@ -837,10 +1223,7 @@ impl Play<'_> {
                     .collect::<Result<_, _>>()?;
                 let within = within.unwrap_or(QUIET);
                 if let Some(Ev::Sip(r)) = self.wait_for(&targets, ExpectKind::Sip, within).await {
-                    let at = match &r.conn {
-                        Some(c) => format!("{}/{c}", r.actor),
-                        None => r.actor.clone(),
-                    };
+                    let at = r.at();
                     return Err(Fail {
                         summary: format!("{at} received a message while it should be quiet"),
                         details: format!("unexpected message at {at}:\n{}", indent(&r.text())),
@@ -979,27 +1362,7 @@ impl Play<'_> {
                 }
                 let msg = SipMessage::parse(message.clone())
                     .map_err(|e| fail(format!("the reply does not scan: {e}")))?;
-                let via = msg.top_via().ok_or_else(|| fail("the reply has no Via"))?;
-                let transport = Transport::from_via_token(via.transport)
-                    .ok_or_else(|| fail("the reply's Via names an unknown transport"))?;
-                let port = via.port.unwrap_or(transport.default_port());
-                let ip_text = |h: &[u8]| -> Result<IpAddr, Fail> {
-                    let h = String::from_utf8_lossy(h);
-                    h.trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .parse()
-                        .map_err(|_| fail(format!("Via host `{h}` is not an IP address")))
-                };
-                let next_hop = match via.received {
-                    Some(r) => SocketAddr::new(
-                        ip_text(r)?,
-                        match via.rport {
-                            Some(Some(p)) => p,
-                            _ => port,
-                        },
-                    ),
-                    None => SocketAddr::new(ip_text(via.host)?, port),
-                };
+                let (transport, next_hop) = via_next_hop(&msg)?;
                 Ok(SipFromBackend {
                     connection: Some(meta.connection),
                     transport,
@@ -1010,31 +1373,11 @@ impl Play<'_> {
             Addressing::Request => {
                 let msg = SipMessage::parse(message.clone())
                     .map_err(|e| fail(format!("the request does not scan: {e}")))?;
-                let route = msg.top_route().map(|r| r.uri.raw.to_vec());
-                let raw = match route {
-                    Some(r) => r,
-                    None => msg
-                        .request_uri()
-                        .map(|u| u.raw.to_vec())
-                        .ok_or_else(|| fail("not a request"))?,
-                };
-                let uri =
-                    Uri::parse(&raw).ok_or_else(|| fail("the next hop URI does not parse"))?;
-                let transport = match uri.param("transport") {
-                    Some(Some(t)) => Transport::from_via_token(t)
-                        .ok_or_else(|| fail("unknown transport parameter"))?,
-                    _ => Transport::Udp,
-                };
-                let host = String::from_utf8_lossy(uri.host);
-                let ip: IpAddr = host
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse()
-                    .map_err(|_| fail(format!("next hop host `{host}` is not an IP address")))?;
+                let (transport, next_hop) = request_next_hop(&msg)?;
                 Ok(SipFromBackend {
                     connection: None,
                     transport,
-                    next_hop: SocketAddr::new(ip, uri.port.unwrap_or(transport.default_port())),
+                    next_hop,
                     message,
                 })
             }
@@ -1076,6 +1419,67 @@ impl AsChecked for crate::trace::Assertion {
     fn render(&self) -> String {
         format!("    {}", self.text)
     }
+}
+
+/// Whether `bytes` is a 1xx response.
+fn is_provisional(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"SIP/2.0 1")
+}
+
+fn ip_text(h: &[u8]) -> Result<IpAddr, Fail> {
+    let h = String::from_utf8_lossy(h);
+    h.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| fail(format!("host `{h}` is not an IP address")))
+}
+
+/// Where a response goes by its top Via (RFC 3261 §18.2.2, RFC 3581):
+/// `received` (else the sent-by host), the `rport` value (else the sent-by
+/// port, else the transport's default).
+fn via_next_hop(msg: &SipMessage) -> Result<(Transport, SocketAddr), Fail> {
+    let via = msg.top_via().ok_or_else(|| fail("the reply has no Via"))?;
+    let transport = Transport::from_via_token(via.transport)
+        .ok_or_else(|| fail("the reply's Via names an unknown transport"))?;
+    let port = via.port.unwrap_or(transport.default_port());
+    let next_hop = match via.received {
+        Some(r) => SocketAddr::new(
+            ip_text(r)?,
+            match via.rport {
+                Some(Some(p)) => p,
+                _ => port,
+            },
+        ),
+        None => SocketAddr::new(ip_text(via.host)?, port),
+    };
+    Ok((transport, next_hop))
+}
+
+/// Where a request goes: its top Route, else its Request-URI (RFC 3261
+/// §8.1.2); the transport from the URI's `transport` parameter (UDP).
+fn request_next_hop(msg: &SipMessage) -> Result<(Transport, SocketAddr), Fail> {
+    let route = msg.top_route().map(|r| r.uri.raw.to_vec());
+    let raw = match route {
+        Some(r) => r,
+        None => msg
+            .request_uri()
+            .map(|u| u.raw.to_vec())
+            .ok_or_else(|| fail("not a request"))?,
+    };
+    let uri = Uri::parse(&raw).ok_or_else(|| fail("the next hop URI does not parse"))?;
+    let transport = match uri.param("transport") {
+        Some(Some(t)) => {
+            Transport::from_via_token(t).ok_or_else(|| fail("unknown transport parameter"))?
+        }
+        _ => Transport::Udp,
+    };
+    Ok((
+        transport,
+        SocketAddr::new(
+            ip_text(uri.host)?,
+            uri.port.unwrap_or(transport.default_port()),
+        ),
+    ))
 }
 
 fn indent(text: &str) -> String {

@@ -11,14 +11,32 @@ use std::time::Duration;
 /// The cluster secret the runner gives the balancer and its agents.
 pub const SECRET: &[u8] = b"viaduct conformance cluster secret";
 
-/// A port free on `ip` for both UDP and TCP right now, not in `taken`.
+/// Ports handed out by [`free_port`]: below Linux's ephemeral range
+/// (32768-60999), so no outgoing connection or `bind(0)` of another process
+/// takes one between our check and the balancer's bind.
+pub const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port in [`TEST_PORTS`] free on `ip` for both UDP and TCP right now, not
+/// in `taken`. Drawn at random so parallel runs rarely draw the same one;
+/// [`Viaduct::start`] retries when one is taken all the same.
 pub fn free_port(ip: &str, taken: &[u16]) -> std::io::Result<u16> {
-    loop {
-        let port = TcpListener::bind((ip, 0))?.local_addr()?.port();
-        if !taken.contains(&port) && UdpSocket::bind((ip, port)).is_ok() {
+    use rand::RngExt as _;
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let port = rng.random_range(TEST_PORTS);
+        if !taken.contains(&port) && free_port_is(ip, port) {
             return Ok(port);
         }
     }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free port in {TEST_PORTS:?} on {ip} after 1000 draws"),
+    ))
+}
+
+/// Whether `port` is free on `ip` for both UDP and TCP right now.
+pub fn free_port_is(ip: &str, port: u16) -> bool {
+    TcpListener::bind((ip, port)).is_ok() && UdpSocket::bind((ip, port)).is_ok()
 }
 
 /// Merges `extra` into `base`, tables recursively, `extra` winning.
@@ -47,13 +65,31 @@ pub struct Viaduct {
 
 impl Viaduct {
     /// Starts `bin` on `ip` with the runner's base configuration, agent ids
-    /// `ids` (name, id) and the trace's `extra` TOML merged in; waits until
-    /// it listens for agents.
+    /// `ids` (name, id) and the `extras` TOML merged in, in order (the
+    /// runner's, then the trace's); waits until it listens for agents.
     pub fn start(
         bin: &Path,
         ip: &str,
         ids: &[(String, u16)],
-        extra: &str,
+        extras: &[&str],
+    ) -> Result<Viaduct, String> {
+        // Another process may bind a port between our check and the
+        // balancer's bind: draw new ports and try again.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Viaduct::start_once(bin, ip, ids, extras) {
+                Err(e) if attempt < 5 && e.contains("Address already in use") => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn start_once(
+        bin: &Path,
+        ip: &str,
+        ids: &[(String, u16)],
+        extras: &[&str],
     ) -> Result<Viaduct, String> {
         let io = |e: std::io::Error| e.to_string();
         let sip_port = free_port(ip, &[]).map_err(io)?;
@@ -80,10 +116,12 @@ impl Viaduct {
              [routing]\n# simulated agents send no load reports\nreport_interval_ms = 60000\n"
         );
         let mut table: toml::Table = base.parse().map_err(|e| format!("base config: {e}"))?;
-        let extra: toml::Table = extra
-            .parse()
-            .map_err(|e| format!("the trace's config: {e}"))?;
-        merge(&mut table, extra);
+        for extra in extras {
+            let extra: toml::Table = extra
+                .parse()
+                .map_err(|e| format!("the trace's config: {e}"))?;
+            merge(&mut table, extra);
+        }
         let config = dir.path().join("viaduct.toml");
         std::fs::write(&config, table.to_string()).map_err(io)?;
         let mut child = Command::new(bin)

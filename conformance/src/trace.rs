@@ -14,6 +14,9 @@ pub enum Mode {
     Agent,
     /// Backends are simulated plain SIP servers (any SIP load balancer).
     Plain,
+    /// The backend is the user's own (a command embedding the agent) behind
+    /// a real `viaduct`: a black-box UAS.
+    Backend,
 }
 
 impl fmt::Display for Mode {
@@ -21,6 +24,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Agent => "agent",
             Mode::Plain => "plain",
+            Mode::Backend => "backend",
         })
     }
 }
@@ -58,6 +62,9 @@ pub enum ActorKind {
         /// Its own address.
         ip: String,
     },
+    /// An instance of the user's backend command (backend mode): a
+    /// black box that embeds the agent.
+    Backend,
 }
 
 /// One actor of a trace.
@@ -222,6 +229,9 @@ pub enum Step {
         who: Option<String>,
         /// Save the message under this name (for `reply`).
         save: Option<String>,
+        /// `final`: provisional (1xx) responses arriving there first are
+        /// passed over (a black-box UAS may or may not send them).
+        final_only: bool,
         /// Assertions on the message.
         assertions: Vec<Assertion>,
     },
@@ -291,8 +301,11 @@ pub struct Trace {
     pub rule: String,
     /// Which balancer mode it needs.
     pub mode: Mode,
-    /// Known to fail, with the reason; the runner checks it still fails.
+    /// Known to fail on every target, with the reason; the runner checks
+    /// it still fails.
     pub known_failure: Option<String>,
+    /// Known to fail on one named target (`known-failure(NAME): REASON`).
+    pub known_failure_on: Vec<(String, String)>,
     /// Default wait of an `expect`.
     pub timeout: Duration,
     /// Extra balancer configuration (TOML), merged into the runner's.
@@ -423,6 +436,7 @@ impl Trace {
             rule: String::new(),
             mode: Mode::Agent,
             known_failure: None,
+            known_failure_on: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
             config: String::new(),
             actors: Vec::new(),
@@ -458,15 +472,25 @@ impl Trace {
                             t.mode = match value.as_str() {
                                 "agent" => Mode::Agent,
                                 "plain" => Mode::Plain,
+                                "backend" => Mode::Backend,
                                 other => {
                                     return Err(err(
                                         n,
-                                        format!("target `{other}`: expected `agent` or `plain`"),
+                                        format!(
+                                        "target `{other}`: expected `agent`, `plain` or `backend`"
+                                    ),
                                     ))
                                 }
                             }
                         }
                         "known-failure" => t.known_failure = Some(value),
+                        k if k.starts_with("known-failure(") && k.ends_with(')') => {
+                            let on = &k["known-failure(".len()..k.len() - 1];
+                            if on.is_empty() {
+                                return Err(err(n, "`known-failure()` needs a target name".into()));
+                            }
+                            t.known_failure_on.push((on.to_owned(), value));
+                        }
                         "timeout" => {
                             t.timeout = parse_duration(&value)
                                 .ok_or_else(|| err(n, format!("bad duration `{value}`")))?;
@@ -515,7 +539,75 @@ impl Trace {
         if t.steps.is_empty() {
             return Err(err(0, "no steps".into()));
         }
+        // The actors decide the mode as well as the header does.
+        let has = |f: fn(&ActorKind) -> bool| t.actors.iter().any(|a| f(&a.kind));
+        let plain = has(|k| matches!(k, ActorKind::SipServer { .. }));
+        let backend = has(|k| matches!(k, ActorKind::Backend));
+        let agent = has(|k| matches!(k, ActorKind::Agent { .. }));
+        let declared = t.mode;
+        t.mode = match (plain, backend, agent) {
+            (true, false, false) => Mode::Plain,
+            (false, true, false) => Mode::Backend,
+            (false, false, _) => declared,
+            _ => {
+                return Err(err(
+                    0,
+                    "a trace mixes sip-server, backend and agent actors: one kind per trace".into(),
+                ))
+            }
+        };
+        if t.mode == Mode::Plain {
+            // Plain traces also run against long-lived balancers: a
+            // Call-ID written without the run's nonce would collide with
+            // the previous run's.
+            for located in &t.steps {
+                let payload = match &located.step {
+                    Step::Send { payload, .. } | Step::AgentSend { payload, .. } => payload,
+                    _ => continue,
+                };
+                let Payload::Inline(bytes) = payload else {
+                    continue;
+                };
+                let text = String::from_utf8_lossy(bytes);
+                let fixed = text.split("\r\n").find(|l| {
+                    let name = l.split(':').next().unwrap_or("").trim();
+                    (name.eq_ignore_ascii_case("call-id") || name.eq_ignore_ascii_case("i"))
+                        && l.contains(':')
+                        && !l.contains("${")
+                });
+                if let Some(line) = fixed {
+                    return Err(err(
+                        located.line,
+                        format!(
+                            "`{line}`: a plain trace writes its Call-IDs with `${{run}}` \
+                             (or another variable), so re-runs against a long-lived \
+                             balancer do not collide"
+                        ),
+                    ));
+                }
+            }
+        }
+        if declared != Mode::Agent && declared != t.mode {
+            return Err(err(
+                0,
+                format!(
+                    "`target: {declared}` but the actors make it a {} trace",
+                    t.mode
+                ),
+            ));
+        }
         Ok(t)
+    }
+
+    /// Why the trace is known to fail on the target named `target`, if it
+    /// is (a mark for every target, else one for that name).
+    pub fn known_failure_for(&self, target: &str) -> Option<&str> {
+        self.known_failure.as_deref().or_else(|| {
+            self.known_failure_on
+                .iter()
+                .find(|(on, _)| on == target)
+                .map(|(_, why)| why.as_str())
+        })
     }
 
     /// The actor named `name`.
@@ -525,8 +617,8 @@ impl Trace {
 }
 
 fn parse_actor(words: &[&str]) -> Result<(String, ActorKind), String> {
-    let usage = "expected `actor NAME tcp|udp IP`, `actor NAME agent [secret TEXT] [deferred]` \
-                 or `actor NAME sip-server tcp|udp IP`";
+    let usage = "expected `actor NAME tcp|udp IP`, `actor NAME agent [secret TEXT] [deferred]`, \
+                 `actor NAME sip-server tcp|udp IP` or `actor NAME backend`";
     let name = words.get(1).ok_or(usage)?;
     if name.contains(['/', '|', '$', '{', '}']) {
         return Err(format!("actor name `{name}` may not contain / | $ {{ }}"));
@@ -565,8 +657,11 @@ fn parse_actor(words: &[&str]) -> Result<(String, ActorKind), String> {
             }
             ActorKind::Agent { secret, deferred }
         }
+        Some("backend") => ActorKind::Backend,
         Some("sip-server") => {
             let ip = words.get(4).ok_or(usage)?;
+            ip.parse::<std::net::IpAddr>()
+                .map_err(|_| format!("`{ip}` is not an IP address"))?;
             ActorKind::SipServer {
                 net: net(words.get(3))?,
                 ip: (*ip).to_owned(),
@@ -798,12 +893,14 @@ fn parse_step(
             let mut within = None;
             let mut who = None;
             let mut save = None;
+            let mut final_only = false;
             let mut i = 2;
             while let Some(w) = words.get(i) {
                 match *w {
                     "pong" => kind = ExpectKind::Pong,
                     "closed" => kind = ExpectKind::Closed,
                     "refused" => kind = ExpectKind::Refused,
+                    "final" => final_only = true,
                     "within" => {
                         within = Some(duration_arg(words.get(i + 1))?);
                         i += 1;
@@ -831,6 +928,7 @@ fn parse_step(
                 within,
                 who,
                 save,
+                final_only,
                 assertions,
             }
         }
@@ -957,6 +1055,42 @@ wait 100ms
         let bad = T.replace("  Via.received absent", "  Via.received is 3");
         let e = Trace::parse(Path::new("x.trace"), "g", "x", &bad).unwrap_err();
         assert_eq!(e.line, 18);
+    }
+
+    #[test]
+    fn modes_and_known_failures() {
+        let plain = "title: t\nrule: r\nknown-failure(kamailio): RFC 3261 §16.3\n\
+                     actor ua udp 127.0.0.71\nactor s1 sip-server udp 127.0.0.61\n\
+                     expect s1 final\n  method = INVITE\n";
+        let t = Trace::parse(Path::new("p.trace"), "g", "p", plain).unwrap();
+        assert_eq!(t.mode, Mode::Plain);
+        assert_eq!(t.known_failure_for("kamailio"), Some("RFC 3261 §16.3"));
+        assert_eq!(t.known_failure_for("viaduct-sip"), None);
+        let Step::Expect { final_only, .. } = &t.steps[0].step else {
+            panic!()
+        };
+        assert!(final_only);
+        let backend = "title: t\nrule: r\nactor app backend\nwait 1ms\n";
+        let t = Trace::parse(Path::new("b.trace"), "g", "b", backend).unwrap();
+        assert_eq!(t.mode, Mode::Backend);
+        let mixed = "title: t\nrule: r\nactor app backend\nactor b1 agent\nwait 1ms\n";
+        let e = Trace::parse(Path::new("m.trace"), "g", "m", mixed).unwrap_err();
+        assert!(e.message.contains("one kind per trace"), "{e}");
+        let wrong = "title: t\nrule: r\ntarget: backend\nactor s1 sip-server udp 127.0.0.61\n\
+                     wait 1ms\n";
+        let e = Trace::parse(Path::new("w.trace"), "g", "w", wrong).unwrap_err();
+        assert!(e.message.contains("`target: backend`"), "{e}");
+        let fixed =
+            "title: t\nrule: r\nactor ua udp 127.0.0.71\nactor s1 sip-server udp 127.0.0.61\n\
+                     send ua\n  | OPTIONS sip:x@y SIP/2.0\n  | Call-ID: fixed@x\n  |\n";
+        let e = Trace::parse(Path::new("f.trace"), "g", "f", fixed).unwrap_err();
+        assert_eq!(e.line, 5);
+        assert!(e.message.contains("${run}"), "{e}");
+        let ok = fixed.replace("fixed@x", "f-${run}@x");
+        assert!(Trace::parse(Path::new("f.trace"), "g", "f", &ok).is_ok());
+        let bad_ip = "title: t\nrule: r\nactor s1 sip-server udp nowhere\nwait 1ms\n";
+        let e = Trace::parse(Path::new("i.trace"), "g", "i", bad_ip).unwrap_err();
+        assert_eq!(e.line, 3);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 // A command-line tool: it prints.
 #![allow(clippy::print_stdout)]
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -23,10 +24,18 @@ struct Cli {
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Target {
-    /// The `viaduct` binary, backends simulated as agents.
+    /// The `viaduct` binary, backends simulated as agents (agent traces).
     Viaduct,
-    /// Any SIP load balancer, backends simulated as plain SIP servers.
+    /// The `viaduct` binary with a plain-SIP pool of simulated SIP servers
+    /// (plain traces).
+    ViaductSip,
+    /// Any SIP load balancer running at --balancer, backends simulated as
+    /// plain SIP servers on the addresses its configuration lists (plain
+    /// traces, one at a time).
     Sip,
+    /// Your backend (--cmd, a command embedding the agent) behind a
+    /// `viaduct` the runner starts (backend traces).
+    Backend,
 }
 
 #[derive(Subcommand, Debug)]
@@ -39,9 +48,30 @@ enum Command {
         /// The `viaduct` binary (default: beside this one, then on PATH).
         #[arg(long)]
         bin: Option<PathBuf>,
-        /// The address the balancer listens on.
+        /// The address a `viaduct` the runner starts listens on.
         #[arg(long, default_value = "127.0.0.1")]
         lb_ip: String,
+        /// `--target sip`: the balancer's SIP address (UDP and TCP).
+        #[arg(long, required_if_eq("target", "sip"))]
+        balancer: Option<SocketAddr>,
+        /// `--target sip`: the port every sip-server actor listens on at its
+        /// own address (the balancer's configuration lists them, see
+        /// conformance/kamailio/dispatcher.list).
+        #[arg(long, default_value_t = 5060)]
+        server_port: u16,
+        /// `--target backend`: the backend command, run with `sh -c` once per
+        /// backend actor; it finds the balancer's agent address in
+        /// $VIADUCT_AGENTS, the cluster secret in $VIADUCT_SECRET and a name
+        /// in $VIADUCT_BACKEND_NAME.
+        #[arg(long, required_if_eq("target", "backend"))]
+        cmd: Option<String>,
+        /// The target's name in the scorecard and in `known-failure(NAME):`
+        /// marks (default: the target kind, e.g. `viaduct-sip`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Write the scorecard as a Markdown table here.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
         /// Only these groups (repeatable).
         #[arg(long = "group", short = 'g')]
         groups: Vec<String>,
@@ -111,41 +141,68 @@ fn real_main() -> anyhow::Result<ExitCode> {
             target,
             bin,
             lb_ip,
+            balancer,
+            server_port,
+            cmd,
+            name,
+            markdown,
             groups,
             junit,
             jobs,
             names,
         } => {
-            if target == Target::Sip {
-                bail!("--target sip (plain-SIP traces against any SIP load balancer) is not implemented yet");
-            }
-            let bin = match bin {
-                Some(b) => b,
+            let viaduct = || match &bin {
+                Some(b) => Ok(b.clone()),
                 None => target::find_viaduct()
-                    .context("no `viaduct` binary beside this one or on PATH: pass --bin PATH")?,
+                    .context("no `viaduct` binary beside this one or on PATH: pass --bin PATH"),
+            };
+            let target = match target {
+                Target::Viaduct => run::Target::Viaduct { bin: viaduct()? },
+                Target::ViaductSip => run::Target::ViaductSip { bin: viaduct()? },
+                Target::Sip => run::Target::Sip {
+                    balancer: balancer.context("--target sip needs --balancer HOST:PORT")?,
+                    server_port,
+                },
+                Target::Backend => run::Target::Backend {
+                    bin: viaduct()?,
+                    cmd: cmd.context("--target backend needs --cmd COMMAND")?,
+                },
             };
             let f = Filter { groups, names };
-            let chosen: Vec<_> = traces.into_iter().filter(|t| f.keeps(t)).collect();
+            let chosen: Vec<_> = traces
+                .into_iter()
+                .filter(|t| f.keeps(t) && target.runs(t.mode))
+                .collect();
             if chosen.is_empty() {
-                bail!("no trace matches");
+                bail!(
+                    "no trace matches (target {} runs only its mode's traces: see `list`)",
+                    target.kind()
+                );
             }
+            let name = name.unwrap_or_else(|| target.kind().to_owned());
+            let jobs = jobs.clamp(1, target.max_jobs());
             println!(
-                "running {} traces against {} ({} at once)",
+                "running {} traces against {name} ({} at once)",
                 chosen.len(),
-                bin.display(),
                 jobs
             );
             let opts = run::Options {
-                bin,
+                target,
+                name: name.clone(),
                 corpus: conformance::corpus_dir(),
                 lb_ip,
+                nonce: None,
             };
             let results = conformance::run_all(&chosen, &opts, jobs, &|r| {
                 println!("{}", report::progress(r));
             });
-            print!("{}", report::scorecard("viaduct", &results));
+            print!("{}", report::scorecard(&name, &results));
             if let Some(path) = junit {
-                std::fs::write(&path, report::junit("viaduct", &results))
+                std::fs::write(&path, report::junit(&name, &results))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some(path) = markdown {
+                std::fs::write(&path, report::markdown(&[(name.as_str(), &results)]))
                     .with_context(|| format!("writing {}", path.display()))?;
             }
             let failed = results.iter().any(|r| r.outcome.is_failure()) || !errors.is_empty();
