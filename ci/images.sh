@@ -4,6 +4,8 @@
 #   viaduct:local               the balancer   (ENTRYPOINT viaduct)
 #   viaduct-demo-backend:local  the demo UAS   (ENTRYPOINT viaduct-demo-backend)
 #   viaduct-sipp:local          SIPp 3.6 (Debian sip-tester) (ENTRYPOINT sipp)
+#   viaduct-test-proxy:local    a SIP proxy stand-in of the container tests
+#                               (ENTRYPOINT viaduct-test-proxy)
 # Each image is a root file system assembled in a folder: the binary, the
 # shared libraries `ldd` lists and the dynamic loader, then `docker import`.
 # An image whose content did not change is not imported again (its
@@ -89,6 +91,9 @@ image viaduct:local "${work}/viaduct" '["/usr/local/bin/viaduct"]'
 
 rootfs "${work}/demo" "${out}/viaduct-demo-backend"
 image viaduct-demo-backend:local "${work}/demo" '["/usr/local/bin/viaduct-demo-backend"]'
+
+rootfs "${work}/proxy" "${out}/viaduct-test-proxy"
+image viaduct-test-proxy:local "${work}/proxy" '["/usr/local/bin/viaduct-test-proxy"]'
 
 if ! command -v sipp >/dev/null 2>&1; then
   echo "ci/images: sipp is not installed (bash ci/install.sh installs Debian's sip-tester)" >&2

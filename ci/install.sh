@@ -13,9 +13,11 @@ for component in rustfmt clippy; do
 done
 
 # Debian packages the test suite drives for real (SIPp is the SIP client and
-# server of the end-to-end tests). Installed only when missing.
+# server of the end-to-end tests; Kamailio is the other SIP load balancer the
+# plain-SIP conformance traces run against). Installed only when missing.
 apt_packages=()
 command -v sipp >/dev/null 2>&1 || apt_packages+=(sip-tester)
+[ -x /usr/sbin/kamailio ] || command -v kamailio >/dev/null 2>&1 || apt_packages+=(kamailio)
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   step "apt packages: ${apt_packages[*]}"
   SUDO=""

@@ -1,6 +1,7 @@
 //! Clusters of containers for the end-to-end tests: a balancer
-//! (`viaduct:local`), demo backends (`viaduct-demo-backend:local`) and SIPp
-//! clients (`viaduct-sipp:local`), each in its own container on a private
+//! (`viaduct:local`), demo backends (`viaduct-demo-backend:local`), SIPp
+//! clients (`viaduct-sipp:local`) and a proxy stand-in
+//! (`viaduct-test-proxy:local`), each in its own container on a private
 //! network of the test's own. The images are built from our binaries by
 //! `ci/images.sh` (no base image, no registry); [`ensure_images`] runs it
 //! when one is missing.
@@ -28,10 +29,11 @@ use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
 /// The images the container tests run.
-pub const IMAGES: [&str; 3] = [
+pub const IMAGES: [&str; 4] = [
     "viaduct:local",
     "viaduct-demo-backend:local",
     "viaduct-sipp:local",
+    "viaduct-test-proxy:local",
 ];
 
 /// The cluster secret of the container tests.
@@ -377,16 +379,12 @@ impl Cluster {
         let mut out: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
         for i in 1..=3 {
             let name = format!("b{i}");
-            let text = std::fs::read_to_string(self.dir().join(format!("{name}.record")))
-                .unwrap_or_default();
-            for line in text.lines() {
-                if let Some((call_id, what)) = line.rsplit_once(' ') {
-                    out.entry(call_id.to_owned())
-                        .or_default()
-                        .entry(name.clone())
-                        .or_default()
-                        .push(what.to_owned());
-                }
+            for (call_id, what) in crate::read_record(&self.dir().join(format!("{name}.record"))) {
+                out.entry(call_id)
+                    .or_default()
+                    .entry(name.clone())
+                    .or_default()
+                    .push(what);
             }
         }
         out

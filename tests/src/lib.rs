@@ -20,7 +20,7 @@ pub mod containers;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -52,15 +52,22 @@ pub fn bin(package: &str, bin: &str) -> PathBuf {
         .clone()
 }
 
+/// A demo backend's `--record` file: `(Call-ID, method or status)` per
+/// message it handled, in order (empty if it wrote none yet).
+pub fn read_record(path: &std::path::Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .map(|(c, m)| (c.to_owned(), m.to_owned()))
+        })
+        .collect()
+}
+
 /// A port free on `ip` for both UDP and TCP right now, not in `taken`.
 pub fn free_port(ip: &str, taken: &[u16]) -> u16 {
-    loop {
-        let tcp = TcpListener::bind((ip, 0)).unwrap_or_else(|e| panic!("cannot bind {ip}: {e}"));
-        let port = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
-        if port != 0 && !taken.contains(&port) && UdpSocket::bind((ip, port)).is_ok() {
-            return port;
-        }
-    }
+    conformance::target::free_port(ip, taken).unwrap_or_else(|e| panic!("free port on {ip}: {e}"))
 }
 
 /// A `viaduct` balancer process for a test.
@@ -339,14 +346,7 @@ impl DemoBackend {
 
     /// What it recorded so far: `(Call-ID, method or status)` per message.
     pub fn record(&self) -> Vec<(String, String)> {
-        std::fs::read_to_string(&self.record)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                l.rsplit_once(' ')
-                    .map(|(c, m)| (c.to_owned(), m.to_owned()))
-            })
-            .collect()
+        read_record(&self.record)
     }
 
     /// Kills it (SIGKILL), like a crash.
