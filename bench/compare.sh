@@ -10,6 +10,7 @@
 #   --transports "tcp udp"    which transports
 #   --contenders "kam-sl kam-dlg vd-plain vd-agent direct"
 #   --mem-calls "1000 5000 10000"   established calls held in the memory run
+#   --mem-contenders "vd-plain kam-dlg vd-agent"   who holds them
 #   --no-memory | --memory-only | --no-install
 # Tables again from the raw files of the last run (no new measurement):
 #   bench/.venv/bin/python bench/lib/bench.py report bench/results/raw bench/results
@@ -58,6 +59,7 @@ while [ $# -gt 0 ]; do
     --transports) TRANSPORTS="$2"; shift ;;
     --contenders) CONTENDERS="$2"; shift ;;
     --mem-calls) MEM_CALLS="$2"; shift ;;
+    --mem-contenders) MEM_CONTENDERS="$2"; shift ;;
     --no-memory) MEMORY=0 ;;
     --memory-only) LADDER=0 ;;
     --no-install) INSTALL=0 ;;
@@ -234,9 +236,10 @@ stop_balancer() {
   BAL_PID=""
 }
 
-# run_uac DIR SCENARIO TRANSPORT RATE CALLS LIMIT HOLD_MS BOUND_S -> UAC_EXIT
+# run_uac DIR SCENARIO TRANSPORT RATE CALLS LIMIT HOLD_MS BOUND_S [STOP_S] -> UAC_EXIT
+# STOP_S: stop the client (by its PID) that many seconds after its start.
 run_uac() {
-  local dir=$1 sf=$2 t=$3 rate=$4 calls=$5 limit=$6 hold=$7 bound=$8
+  local dir=$1 sf=$2 t=$3 rate=$4 calls=$5 limit=$6 hold=$7 bound=$8 stop_s=${9:-}
   cp "$sf" "$dir/uac.xml"
   set +e
   (cd "$dir" && exec timeout -k 5 "$bound" sipp "$TARGET" -sf uac.xml -i "$CLIENT_IP" -p 0 \
@@ -246,6 +249,11 @@ run_uac() {
      -trace_stat -stf stat.csv -fd 1 -trace_rtt -rtt_freq 1000 -trace_err \
      >"$dir/uac.out" 2>&1) &
   local pid=$!; started $pid
+  if [ -n "$stop_s" ]; then
+    local end=$(( $(date +%s) + stop_s ))
+    while kill -0 "$pid" 2>/dev/null && [ "$(date +%s)" -lt "$end" ]; do sleep 1; done
+    kill -0 "$pid" 2>/dev/null && kill -TERM "$pid" 2>/dev/null
+  fi
   wait "$pid"; UAC_EXIT=$?
   set -e
   local keep=(); for p in "${STARTED[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
@@ -360,7 +368,10 @@ if [ "$MEMORY" = 1 ]; then
       idle=$("$PY" -c "import sys; sys.path.insert(0,'$HERE/lib'); import bench; p,r,h=bench.mem($BAL_PID); print(p if '$c'.startswith('kam') else r)")
       "$PY" "$HERE/lib/bench.py" monitor "$BAL_PID" "$dir/monitor.json" --interval 1 & mon=$!; started $mon
       sed "s/@OPTIONS_COUNT@/$count/" "$HERE/sipp/uac_hold.xml" >"$dir/hold.xml"
-      run_uac "$dir" "$dir/hold.xml" "$t" "$rate" "$N" "$(( N + 100 ))" "$d_ms" "$bound"
+      # The client is stopped by its PID once the late window is read: the
+      # calls need not run to their BYE (at 100k that would double the run).
+      run_uac "$dir" "$dir/hold.xml" "$t" "$rate" "$N" "$(( N + 100 ))" "$d_ms" "$bound" \
+        "$(( ramp + late + 8 ))"
       stop_pid "$mon"
       stop_balancer
       stop_uas
