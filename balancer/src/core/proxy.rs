@@ -467,13 +467,12 @@ pub struct ResponseHop {
 /// Where a response whose top Via is ours goes (RFC 3261 §18.2.2, RFC
 /// 3581), or why it cannot.
 pub fn response_hop(msg: &SipMessage) -> Result<ResponseHop, &'static str> {
-    let mut vias = msg.vias();
-    let ours = vias.next().ok_or("no Via")?;
+    let ours = msg.top_via().ok_or("no Via")?;
     let conn = ours
         .param(CONN_PARAM)
         .flatten()
         .and_then(|c| std::str::from_utf8(c).ok()?.parse().ok());
-    let next = vias.next().ok_or("no Via below ours")?;
+    let next = msg.second_via()?.ok_or("no Via below ours")?;
     let transport = Transport::from_via_token(next.transport).ok_or("unknown Via transport")?;
     let ip = match next.received {
         Some(r) => parse_ip(r).ok_or("Via received is not an IP address")?,

@@ -39,7 +39,9 @@
 //! }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -397,8 +399,11 @@ pub struct Router {
     /// Live backends, sorted, for selection and the rendezvous hash.
     live: Vec<BackendId>,
     conns: IntMap<ConnId, Conn>,
-    /// Open stream connections by (transport, remote address).
-    by_remote: HashMap<(Transport, SocketAddr), Vec<ConnId>>,
+    /// Open stream connections by (transport, remote address). Fx hash:
+    /// looked up per message; its keys are bounded by the connection limits
+    /// (`sip.max_connections`, `sip.max_connections_per_ip`), so a crafted
+    /// set of colliding ports costs at most one probe per allowed connection.
+    by_remote: FxHashMap<(Transport, SocketAddr), Vec<ConnId>>,
     /// Our own SIP addresses: a message is never sent to one of them.
     local_addrs: Vec<SocketAddr>,
     new_calls: NewCallTable,
@@ -411,7 +416,7 @@ pub struct Router {
     /// sockets and listeners: `(transport, bound, public)`.
     advertised: Vec<(Transport, SocketAddr, SocketAddr)>,
     /// Plain SIP backends by `(transport, address)`.
-    plain_by_addr: HashMap<(Transport, SocketAddr), BackendId>,
+    plain_by_addr: FxHashMap<(Transport, SocketAddr), BackendId>,
     /// Whether [`Router::start`] registered the plain SIP backends.
     plain_started: bool,
     /// Backends an operator drained ([`Router::set_drain`]) and has not
@@ -473,7 +478,7 @@ impl Router {
             backends: IntMap::default(),
             live: Vec::new(),
             conns: IntMap::default(),
-            by_remote: HashMap::new(),
+            by_remote: FxHashMap::default(),
             local_addrs: Vec::new(),
             new_calls,
             selector,
@@ -481,7 +486,7 @@ impl Router {
             actions: VecDeque::new(),
             counters: Counters::default(),
             advertised: Vec::new(),
-            plain_by_addr: HashMap::new(),
+            plain_by_addr: FxHashMap::default(),
             plain_started: false,
             operator_drained: IntSet::default(),
         }

@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
+use nohash_hasher::IntMap;
 use encap_proto::frame::{encode, Frame, PublicAddress, Transport};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, Notify};
@@ -194,9 +195,9 @@ impl Balancer {
             .collect();
         let shared = Rc::new(Shared {
             router: RefCell::new(router),
-            conns: RefCell::new(HashMap::new()),
-            udp: RefCell::new(HashMap::new()),
-            agents: RefCell::new(HashMap::new()),
+            conns: RefCell::new(IntMap::default()),
+            udp: RefCell::new(IntMap::default()),
+            agents: RefCell::new(IntMap::default()),
             connecting: RefCell::new(HashMap::new()),
             per_ip: RefCell::new(HashMap::new()),
             next_id: Cell::new(1),
@@ -421,9 +422,10 @@ struct AgentHandle {
 #[derive(Debug)]
 struct Shared {
     router: RefCell<Router>,
-    conns: RefCell<HashMap<ConnId, ConnHandle>>,
-    udp: RefCell<HashMap<ConnId, Rc<UdpSocket>>>,
-    agents: RefCell<HashMap<BackendId, AgentHandle>>,
+    /// Open stream connections (ids are ours, sequential: no hashing).
+    conns: RefCell<IntMap<ConnId, ConnHandle>>,
+    udp: RefCell<IntMap<ConnId, Rc<UdpSocket>>>,
+    agents: RefCell<IntMap<BackendId, AgentHandle>>,
     /// Connections being opened, with the messages waiting for them.
     connecting: RefCell<HashMap<SocketAddr, Vec<Bytes>>>,
     /// Accepted connections per peer IP.

@@ -22,7 +22,6 @@ use encap_proto::sip::{frame_datagram_scanned, Framed, FramingError, Scanned, St
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::{bump, unix_us, write_loop, ConnHandle, ConnState, Shared};
@@ -148,7 +147,8 @@ fn start_conn(
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel(shared.settings.write_queue);
     let state = Rc::new(ConnState {
-        cancel: CancellationToken::new(),
+        // A child of the shutdown token: the reader waits on one future.
+        cancel: shared.shutdown.child_token(),
         last_write: Cell::new(Instant::now()),
     });
     shared.conns.borrow_mut().insert(id, ConnHandle { tx });
@@ -238,9 +238,9 @@ async fn read_messages(
     // early it is re-armed, so a read costs no timer registration.
     let mut armed = last_read + s.idle_timeout;
     let timer = tokio::time::sleep_until(armed.into());
+    // The writer's end or the balancer's shutdown (a parent token).
     let stopped = state.cancel.cancelled();
-    let shutdown = shared.shutdown.cancelled();
-    tokio::pin!(timer, stopped, shutdown);
+    tokio::pin!(timer, stopped);
     loop {
         let n = tokio::select! {
             r = rd.read_buf(&mut buf) => match r {
@@ -261,7 +261,6 @@ async fn read_messages(
                 continue;
             }
             () = &mut stopped => return End::Stopped,
-            () = &mut shutdown => return End::Stopped,
         };
         let now = Instant::now();
         last_read = now;

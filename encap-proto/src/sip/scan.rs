@@ -2153,6 +2153,36 @@ impl SipMessage {
         self.top_via.map(|v| v.get(&self.bytes))
     }
 
+    /// The via-parm below the top one (the next in the top Via header, else
+    /// the first of the next Via header), parsed on each call from where
+    /// the scan's top Via ended: the hop a proxy answers to. `Ok(None)` if
+    /// there is none; an error names what is malformed.
+    pub fn second_via(&self) -> Result<Option<Via<'_>>, &'static str> {
+        let Some(top) = self.top_via else {
+            return Ok(None);
+        };
+        // The first Via header's value, which the top Via was parsed from
+        // the start of; both are offsets into `bytes`.
+        let Some(first) = self.via else {
+            return Ok(None);
+        };
+        let Some(end) = top.raw.end.checked_sub(first.start) else {
+            return Err("top Via outside the first Via header");
+        };
+        let first = first.get(&self.bytes);
+        let i = skip_lws(first, end as usize);
+        if i < first.len() {
+            if first[i] != b',' {
+                return Err("malformed Via after the top via-parm");
+            }
+            return parse_via(first, i + 1).map(|(v, _)| Some(v));
+        }
+        match self.headers("via").nth(1) {
+            Some(next) => parse_via(next, 0).map(|(v, _)| Some(v)),
+            None => Ok(None),
+        }
+    }
+
     /// Every via-parm of every Via header, top first.
     pub fn vias(&self) -> impl Iterator<Item = Via<'_>> {
         self.headers("via").flat_map(|v| {
@@ -2356,6 +2386,33 @@ mod tests {
 
     fn msg(s: &str) -> Result<SipMessage, ScanError> {
         SipMessage::parse(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn second_via_is_the_next_via_parm_in_any_layout() {
+        let second = |vias: &str| {
+            let m = msg(&format!(
+                "SIP/2.0 200 OK\r\n{vias}Call-ID: c\r\nCSeq: 1 INVITE\r\nl: 0\r\n\r\n"
+            ))
+            .unwrap();
+            let got = m.second_via().unwrap().map(|v| v.host.to_vec());
+            assert_eq!(got, m.vias().nth(1).map(|v| v.host.to_vec()), "{vias}");
+            got
+        };
+        let b = |s: &str| Some(s.as_bytes().to_vec());
+        // Same header, with and without LWS around the comma.
+        assert_eq!(second("Via: SIP/2.0/TCP a;branch=z9hG4bK1,SIP/2.0/UDP b\r\n"), b("b"));
+        assert_eq!(second("Via: SIP/2.0/TCP a ;x , SIP/2.0/UDP b;rport\r\n"), b("b"));
+        // Next header, compact name, other headers between.
+        assert_eq!(
+            second("v: SIP/2.0/TCP a\r\nFrom: <sip:f@x>;tag=1\r\nVia: SIP/2.0/UDP b:5070\r\n"),
+            b("b")
+        );
+        // Folded onto a continuation line.
+        assert_eq!(second("Via: SIP/2.0/TCP a,\r\n SIP/2.0/UDP b\r\n"), b("b"));
+        // Three in the first header: the second of them.
+        assert_eq!(second("Via: SIP/2.0/TCP a, SIP/2.0/TCP b, SIP/2.0/TCP c\r\n"), b("b"));
+        assert_eq!(second("Via: SIP/2.0/TCP a;branch=z9hG4bK1\r\n"), None);
     }
 
     #[test]
