@@ -24,7 +24,6 @@ use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
@@ -137,7 +136,7 @@ async fn serve_link(shared: Rc<Shared>, link: u64, stream: TcpStream, remote: So
 
     // Routable before the WELCOME is out: frames the router sends
     // meanwhile wait in the queue and are written after it.
-    let (tx, rx) = mpsc::channel(s.agent_queue);
+    let (tx, rx) = super::queue::queue(s.agent_queue);
     shared.agents.borrow_mut().insert(
         id,
         AgentHandle {

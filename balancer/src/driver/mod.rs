@@ -33,6 +33,7 @@
 pub mod admin;
 mod agents;
 pub mod metrics;
+mod queue;
 mod sip;
 
 use std::cell::{Cell, RefCell};
@@ -43,8 +44,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
-use nohash_hasher::IntMap;
 use encap_proto::frame::{encode, Frame, PublicAddress, Transport};
+use nohash_hasher::IntMap;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -405,7 +406,7 @@ struct ConnState {
 /// An open SIP stream connection.
 #[derive(Debug)]
 struct ConnHandle {
-    tx: mpsc::Sender<Out>,
+    tx: queue::Sender<Out>,
 }
 
 /// An authenticated agent link.
@@ -415,7 +416,7 @@ struct AgentHandle {
     link: u64,
     name: String,
     version: u8,
-    tx: mpsc::Sender<Out>,
+    tx: queue::Sender<Out>,
 }
 
 /// Everything the local tasks share.
@@ -501,11 +502,11 @@ impl Shared {
         };
         match conn.tx.try_send(Out::Bytes(message)) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(queue::SendError::Full) => {
                 bump(&self.counters.queue_full);
                 debug!(conn = id, "dropped: the connection's write queue is full");
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => bump(&self.counters.gone),
+            Err(queue::SendError::Closed) => bump(&self.counters.gone),
         }
     }
 
@@ -534,11 +535,11 @@ impl Shared {
         }
         match agent.tx.try_send(Out::Bytes(buf.freeze())) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(queue::SendError::Full) => {
                 bump(&self.counters.agent_queue_full);
                 debug!(backend, "dropped: the agent link's write queue is full");
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => bump(&self.counters.gone),
+            Err(queue::SendError::Closed) => bump(&self.counters.gone),
         }
         if then_close {
             let _ = agent.tx.try_send(Out::Close);
@@ -641,7 +642,7 @@ fn unix_us() -> u64 {
 /// says [`Out::Close`]; then shuts the write side and stops the reader.
 async fn write_loop(
     mut w: tokio::net::tcp::OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Out>,
+    mut rx: queue::Receiver<Out>,
     state: Rc<ConnState>,
 ) {
     use tokio::io::AsyncWriteExt;
@@ -660,12 +661,12 @@ async fn write_loop(
         }
         while !close && size < BATCH && batch.len() < MAX_IOV {
             match rx.try_recv() {
-                Ok(Out::Bytes(b)) => {
+                Some(Out::Bytes(b)) => {
                     size += b.len();
                     batch.push(b);
                 }
-                Ok(Out::Close) => close = true,
-                Err(_) => break,
+                Some(Out::Close) => close = true,
+                None => break,
             }
         }
         if size > 0 {

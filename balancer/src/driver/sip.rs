@@ -21,7 +21,6 @@ use encap_proto::frame::Transport;
 use encap_proto::sip::{frame_datagram_scanned, Framed, FramingError, Scanned, StreamFramer};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
 use super::{bump, unix_us, write_loop, ConnHandle, ConnState, Shared};
@@ -145,7 +144,7 @@ fn start_conn(
     let _ = stream.set_nodelay(true);
     let id = shared.next_id();
     let (rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::channel(shared.settings.write_queue);
+    let (tx, rx) = super::queue::queue(shared.settings.write_queue);
     let state = Rc::new(ConnState {
         // A child of the shutdown token: the reader waits on one future.
         cancel: shared.shutdown.child_token(),

@@ -2401,8 +2401,14 @@ mod tests {
         };
         let b = |s: &str| Some(s.as_bytes().to_vec());
         // Same header, with and without LWS around the comma.
-        assert_eq!(second("Via: SIP/2.0/TCP a;branch=z9hG4bK1,SIP/2.0/UDP b\r\n"), b("b"));
-        assert_eq!(second("Via: SIP/2.0/TCP a ;x , SIP/2.0/UDP b;rport\r\n"), b("b"));
+        assert_eq!(
+            second("Via: SIP/2.0/TCP a;branch=z9hG4bK1,SIP/2.0/UDP b\r\n"),
+            b("b")
+        );
+        assert_eq!(
+            second("Via: SIP/2.0/TCP a ;x , SIP/2.0/UDP b;rport\r\n"),
+            b("b")
+        );
         // Next header, compact name, other headers between.
         assert_eq!(
             second("v: SIP/2.0/TCP a\r\nFrom: <sip:f@x>;tag=1\r\nVia: SIP/2.0/UDP b:5070\r\n"),
@@ -2411,7 +2417,10 @@ mod tests {
         // Folded onto a continuation line.
         assert_eq!(second("Via: SIP/2.0/TCP a,\r\n SIP/2.0/UDP b\r\n"), b("b"));
         // Three in the first header: the second of them.
-        assert_eq!(second("Via: SIP/2.0/TCP a, SIP/2.0/TCP b, SIP/2.0/TCP c\r\n"), b("b"));
+        assert_eq!(
+            second("Via: SIP/2.0/TCP a, SIP/2.0/TCP b, SIP/2.0/TCP c\r\n"),
+            b("b")
+        );
         assert_eq!(second("Via: SIP/2.0/TCP a;branch=z9hG4bK1\r\n"), None);
     }
 
