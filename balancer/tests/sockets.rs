@@ -61,6 +61,13 @@ impl Drop for Lb {
 }
 
 fn start(ip: &str) -> Lb {
+    // The test backends send no load reports.
+    start_with_reports(ip, 60_000)
+}
+
+/// A balancer expecting load reports every `report_ms` (an agent link
+/// silent for 4 × 3 report intervals, at least 10 s, is closed).
+fn start_with_reports(ip: &str, report_ms: u32) -> Lb {
     let sip_port = free_port(ip, &[]);
     let agent_port = free_port(ip, &[sip_port]);
     let dir = tempfile::tempdir().unwrap();
@@ -73,7 +80,7 @@ fn start(ip: &str) -> Lb {
              [[sip.listen]]\ntransport = \"udp\"\naddress = \"{ip}:{sip_port}\"\n\
              [[sip.listen]]\ntransport = \"tcp\"\naddress = \"{ip}:{sip_port}\"\n\
              [agents]\nlisten = \"{ip}:{agent_port}\"\nsecret_file = \"secret\"\n\
-             [routing]\n# the test backends send no load reports\nreport_interval_ms = 60000\n"
+             [routing]\nreport_interval_ms = {report_ms}\n"
         ),
     )
     .unwrap();
@@ -721,4 +728,63 @@ async fn a_backend_that_closed_its_link_gets_no_new_calls() {
         "both remaining backends serve: {got:?}"
     );
     a.expect_quiet("proxy A").await;
+}
+
+/// An agent link that sends nothing is closed with a TIMEOUT error after
+/// the idle limit (10 s here); one that sends a frame every 2 s stays.
+#[tokio::test]
+async fn a_silent_agent_link_is_closed_and_a_live_one_is_kept() {
+    let lb = start_with_reports("127.0.0.113", 500);
+    let mut silent = Backend::connect(lb.agents, "silent", SECRET).await.unwrap();
+    let mut live = Backend::connect(lb.agents, "live", SECRET).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut seq = 0;
+    let closed_after = loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        seq += 1;
+        let report = Frame::Load(encap_proto::frame::LoadReport {
+            seq,
+            capacity: 100,
+            ..Default::default()
+        });
+        write_frame(&mut live.write, &report, live.version).await;
+        // The silent link's frames so far: an ERROR then the close.
+        let mut error = None;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(10), silent.frames.recv()).await {
+                Ok(Some(Frame::Error(e))) => error = Some(e),
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    let e = error.as_ref().expect("closed without an ERROR frame");
+                    assert_eq!(e.code, Code::TIMEOUT, "{e:?}");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if error.is_some() || started.elapsed() > Duration::from_secs(16) {
+            break started.elapsed();
+        }
+    };
+    assert!(
+        closed_after >= Duration::from_secs(9) && closed_after < Duration::from_secs(14),
+        "the silent link closed after {closed_after:?} (limit 10 s)"
+    );
+    // The live link is still served: its frames arrive, no ERROR, not closed.
+    while let Ok(frame) = tokio::time::timeout(Duration::from_millis(200), live.frames.recv()).await
+    {
+        match frame {
+            None => panic!("the live agent link was closed"),
+            Some(Frame::Error(e)) => panic!("the live agent link got {e:?}"),
+            Some(_) => {}
+        }
+    }
+    write_frame(&mut live.write, &Frame::Ping(7), live.version).await;
+    loop {
+        match tokio::time::timeout(STEP, live.frames.recv()).await {
+            Ok(Some(Frame::Pong(7))) => break,
+            Ok(Some(_)) => {}
+            other => panic!("no PONG on the live link: {other:?}"),
+        }
+    }
 }

@@ -228,37 +228,23 @@ async fn read_frames(
     state: &ConnState,
 ) -> &'static str {
     let idle = shared.settings.agent_idle;
+    // One timer for the link, armed at or before the real deadline: a frame
+    // only moves `last`, and a timer that fires early is re-armed, so a
+    // frame costs no timer registration.
+    let mut last = Instant::now();
+    let timer = tokio::time::sleep(idle);
+    let closed = state.cancel.cancelled();
+    let shutdown = shared.shutdown.cancelled();
+    tokio::pin!(timer, closed, shutdown);
     loop {
         let next = tokio::select! {
-            r = tokio::time::timeout(idle, reader.next()) => r,
-            () = state.cancel.cancelled() => return "closed by the balancer",
-            () = shared.shutdown.cancelled() => {
-                let bye = Frame::Goodbye(Close { code: Code::SHUTTING_DOWN, reason: "balancer shutting down".to_owned() });
-                shared.perform(crate::core::router::Action::CloseBackend { backend: id, frame: Some(bye) });
-                return "balancer shutting down";
-            }
-        };
-        match next {
-            Ok(Some(Ok(frame))) => {
-                let now = Instant::now();
-                shared.feed(|r| r.handle_frame(now, id, frame));
-            }
-            Ok(Some(Err(CodecError::Frame(e)))) => {
-                bump(&shared.counters.agent_frame_errors);
-                // SPEC.md §6: say what was wrong, then close.
-                warn!(backend = id, error = %e, "malformed frame from agent; closing the link");
-                shared.perform(crate::core::router::Action::CloseBackend {
-                    backend: id,
-                    frame: Some(e.to_error_frame()),
-                });
-                return "malformed frame";
-            }
-            Ok(Some(Err(CodecError::Io(e)))) => {
-                debug!(error = %e, "agent link read failed");
-                return "read failed";
-            }
-            Ok(None) => return "closed by the agent",
-            Err(_) => {
+            r = reader.next() => r,
+            () = &mut timer => {
+                let due = last + idle;
+                if Instant::now() < due {
+                    timer.as_mut().reset(due.into());
+                    continue;
+                }
                 let err = Frame::Error(Close {
                     code: Code::TIMEOUT,
                     reason: format!("agent link silent for {} s", idle.as_secs()),
@@ -269,6 +255,34 @@ async fn read_frames(
                 });
                 return "silent for too long";
             }
+            () = &mut closed => return "closed by the balancer",
+            () = &mut shutdown => {
+                let bye = Frame::Goodbye(Close { code: Code::SHUTTING_DOWN, reason: "balancer shutting down".to_owned() });
+                shared.perform(crate::core::router::Action::CloseBackend { backend: id, frame: Some(bye) });
+                return "balancer shutting down";
+            }
+        };
+        match next {
+            Some(Ok(frame)) => {
+                let now = Instant::now();
+                last = now;
+                shared.feed(|r| r.handle_frame(now, id, frame));
+            }
+            Some(Err(CodecError::Frame(e))) => {
+                bump(&shared.counters.agent_frame_errors);
+                // SPEC.md §6: say what was wrong, then close.
+                warn!(backend = id, error = %e, "malformed frame from agent; closing the link");
+                shared.perform(crate::core::router::Action::CloseBackend {
+                    backend: id,
+                    frame: Some(e.to_error_frame()),
+                });
+                return "malformed frame";
+            }
+            Some(Err(CodecError::Io(e))) => {
+                debug!(error = %e, "agent link read failed");
+                return "read failed";
+            }
+            None => return "closed by the agent",
         }
     }
 }

@@ -44,6 +44,10 @@ pub(super) async fn serve_udp(
     local: SocketAddr,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    // Made once: a wait made per datagram would register and deregister
+    // with the token each time.
+    let shutdown = shared.shutdown.cancelled();
+    tokio::pin!(shutdown);
     loop {
         let (n, remote) = tokio::select! {
             r = socket.recv_from(&mut buf) => match r {
@@ -54,7 +58,7 @@ pub(super) async fn serve_udp(
                     continue;
                 }
             },
-            () = shared.shutdown.cancelled() => return,
+            () = &mut shutdown => return,
         };
         let now = Instant::now();
         let arrival = unix_us();
