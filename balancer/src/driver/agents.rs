@@ -238,6 +238,16 @@ async fn read_frames(
     tokio::pin!(timer, closed, shutdown);
     loop {
         let next = tokio::select! {
+            // In this order: the link's end and shutdown first, then a
+            // frame that is there over a timer firing at the same moment
+            // (the link was not silent).
+            biased;
+            () = &mut closed => return "closed by the balancer",
+            () = &mut shutdown => {
+                let bye = Frame::Goodbye(Close { code: Code::SHUTTING_DOWN, reason: "balancer shutting down".to_owned() });
+                shared.perform(crate::core::router::Action::CloseBackend { backend: id, frame: Some(bye) });
+                return "balancer shutting down";
+            }
             r = reader.next() => r,
             () = &mut timer => {
                 let due = last + idle;
@@ -254,12 +264,6 @@ async fn read_frames(
                     frame: Some(err),
                 });
                 return "silent for too long";
-            }
-            () = &mut closed => return "closed by the balancer",
-            () = &mut shutdown => {
-                let bye = Frame::Goodbye(Close { code: Code::SHUTTING_DOWN, reason: "balancer shutting down".to_owned() });
-                shared.perform(crate::core::router::Action::CloseBackend { backend: id, frame: Some(bye) });
-                return "balancer shutting down";
             }
         };
         match next {

@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use encap_proto::frame::{encode, Frame, PublicAddress, Transport};
-use nohash_hasher::IntMap;
+use rustc_hash::FxHashMap;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -196,9 +196,9 @@ impl Balancer {
             .collect();
         let shared = Rc::new(Shared {
             router: RefCell::new(router),
-            conns: RefCell::new(IntMap::default()),
-            udp: RefCell::new(IntMap::default()),
-            agents: RefCell::new(IntMap::default()),
+            conns: RefCell::new(FxHashMap::default()),
+            udp: RefCell::new(FxHashMap::default()),
+            agents: RefCell::new(FxHashMap::default()),
             connecting: RefCell::new(HashMap::new()),
             per_ip: RefCell::new(HashMap::new()),
             next_id: Cell::new(1),
@@ -423,10 +423,12 @@ struct AgentHandle {
 #[derive(Debug)]
 struct Shared {
     router: RefCell<Router>,
-    /// Open stream connections (ids are ours, sequential: no hashing).
-    conns: RefCell<IntMap<ConnId, ConnHandle>>,
-    udp: RefCell<IntMap<ConnId, Rc<UdpSocket>>>,
-    agents: RefCell<IntMap<BackendId, AgentHandle>>,
+    /// Open stream connections. Fx hash: the ids are ours (sequential), so
+    /// no seed is needed, and it spreads them into the high bits hashbrown
+    /// tags slots with (an identity hash would tag every small id alike).
+    conns: RefCell<FxHashMap<ConnId, ConnHandle>>,
+    udp: RefCell<FxHashMap<ConnId, Rc<UdpSocket>>>,
+    agents: RefCell<FxHashMap<BackendId, AgentHandle>>,
     /// Connections being opened, with the messages waiting for them.
     connecting: RefCell<HashMap<SocketAddr, Vec<Bytes>>>,
     /// Accepted connections per peer IP.
