@@ -41,7 +41,7 @@
 
 use std::collections::VecDeque;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -51,7 +51,6 @@ use encap_proto::frame::{
 };
 use encap_proto::sip::{Limits, Rewrite, ScanError, SipMessage, StartLine, Uri};
 use encap_proto::tag::{TagError, TagKeys};
-use nohash_hasher::{IntMap, IntSet};
 
 use super::hash::rendezvous_weighted;
 use super::new_calls::{NewCallTable, DEFAULT_CAPACITY, DEFAULT_LIFETIME};
@@ -395,10 +394,10 @@ struct Conn {
 pub struct Router {
     config: RouterConfig,
     keys: TagKeys,
-    backends: IntMap<BackendId, Backend>,
+    backends: FxHashMap<BackendId, Backend>,
     /// Live backends, sorted, for selection and the rendezvous hash.
     live: Vec<BackendId>,
-    conns: IntMap<ConnId, Conn>,
+    conns: FxHashMap<ConnId, Conn>,
     /// Open stream connections by (transport, remote address). Fx hash:
     /// looked up per message; its keys are bounded by the connection limits
     /// (`sip.max_connections`, `sip.max_connections_per_ip`), so a crafted
@@ -422,7 +421,7 @@ pub struct Router {
     /// Backends an operator drained ([`Router::set_drain`]) and has not
     /// undrained: the drain outlives the agent's link, so a backend that
     /// reconnects (or restarts) is drained again.
-    operator_drained: IntSet<BackendId>,
+    operator_drained: FxHashSet<BackendId>,
 }
 
 /// How a request reaches its backend.
@@ -475,9 +474,9 @@ impl Router {
         Router {
             config,
             keys,
-            backends: IntMap::default(),
+            backends: FxHashMap::default(),
             live: Vec::new(),
-            conns: IntMap::default(),
+            conns: FxHashMap::default(),
             by_remote: FxHashMap::default(),
             local_addrs: Vec::new(),
             new_calls,
@@ -488,7 +487,7 @@ impl Router {
             advertised: Vec::new(),
             plain_by_addr: FxHashMap::default(),
             plain_started: false,
-            operator_drained: IntSet::default(),
+            operator_drained: FxHashSet::default(),
         }
     }
 
