@@ -8,7 +8,7 @@
 #   --rates "500 1000 2000"   call-rate ladder (stops climbing once any contender fails calls)
 #   --seconds N               seconds of calls per step
 #   --transports "tcp udp"    which transports
-#   --contenders "kam-sl kam-dlg vd-plain vd-agent direct"
+#   --contenders "kam-sl kam-dlg vd-plain vd-agent floor direct"
 #   --mem-calls "1000 5000 10000"   established calls held in the memory run
 #   --mem-contenders "vd-plain kam-dlg vd-agent"   who holds them
 #   --no-memory | --memory-only | --no-install
@@ -24,6 +24,8 @@
 #   kam-dlg   the same with tm + dialog (-A STATEFUL)
 #   vd-plain  viaduct, plain-SIP pool of the same SIPp UAS backends
 #   vd-agent  viaduct, agent mode, demo backends (different backends: beside)
+#   floor     viaduct-floor, a relay to one UAS that reads no SIP: what moving
+#             the bytes costs on this machine (CPU and time per message)
 #   direct    SIPp straight to one UAS: the latency baseline
 # Every actor has its own 127.0.0.x address, every process it starts is
 # stopped by its PID, every step is bounded in time. Results go to
@@ -41,7 +43,7 @@ SECS=8
 LAT_SECS=3          # the latency pass (packet capture) after each step
 HOLD_MS=500
 TRANSPORTS="tcp udp"
-CONTENDERS="kam-sl kam-dlg vd-plain vd-agent direct"
+CONTENDERS="kam-sl kam-dlg vd-plain vd-agent floor direct"
 MEM_CALLS="1000 5000 10000"
 MEM_CONTENDERS="vd-plain kam-dlg vd-agent"
 NBACK=2
@@ -88,8 +90,8 @@ if [ "$INSTALL" = 1 ]; then
     python3 -m venv "$HERE/.venv"
     "$HERE/.venv/bin/pip" install --progress-bar on matplotlib
   fi
-  log "cargo build --release -p balancer -p viaduct-demo-backend"
-  (cd "$ROOT" && cargo build --release -p balancer -p viaduct-demo-backend)
+  log "cargo build --release -p balancer -p viaduct-demo-backend -p viaduct-bench-floor"
+  (cd "$ROOT" && cargo build --release -p balancer -p viaduct-demo-backend -p viaduct-bench-floor)
 fi
 PY="$HERE/.venv/bin/python"; [ -x "$PY" ] || PY=python3
 H() { "$PY" "$HERE/lib/bench.py" "$@"; }
@@ -97,13 +99,14 @@ TARGET_DIR="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/n
   "$PY" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 # Copies of the binaries under test: the shared target/ may be rebuilt while we run.
 mkdir -p "$RAW/bin"
-for b in viaduct viaduct-demo-backend; do
+for b in viaduct viaduct-demo-backend viaduct-floor; do
   [ -x "$TARGET_DIR/release/$b" ] && cp "$TARGET_DIR/release/$b" "$RAW/bin/$b"
 done
 VIADUCT="$RAW/bin/viaduct"
 DEMO="$RAW/bin/viaduct-demo-backend"
-case "$([ "$LADDER" = 1 ] && echo "$CONTENDERS") $([ "$MEMORY" = 1 ] && echo "$MEM_CONTENDERS")" in *vd-*)
-  for b in "$VIADUCT" "$DEMO"; do [ -x "$b" ] || { echo "missing $b (run without --no-install)" >&2; exit 1; }; done ;;
+FLOOR="$RAW/bin/viaduct-floor"
+case "$([ "$LADDER" = 1 ] && echo "$CONTENDERS") $([ "$MEMORY" = 1 ] && echo "$MEM_CONTENDERS")" in *vd-*|*floor*)
+  for b in "$VIADUCT" "$DEMO" "$FLOOR"; do [ -x "$b" ] || { echo "missing $b (run without --no-install)" >&2; exit 1; }; done ;;
 esac
 
 # ------------------------------------------------------------------ actors
@@ -112,6 +115,7 @@ UAS_IPS=(127.0.0.61 127.0.0.62 127.0.0.63 127.0.0.64)
 UAS_IPS=("${UAS_IPS[@]:0:$NBACK}")
 KAM_IP=127.0.0.70
 VD_IP=127.0.0.71
+FLOOR_IP=127.0.0.72
 RUN=0
 STARTED=()          # every PID this script started and has not stopped yet
 
@@ -223,6 +227,12 @@ start_balancer() {
       fi
       H wait-up "$VD_IP:$((port + 2))" "$NBACK" 30
       TARGET="$VD_IP:$port" ;;
+    floor)
+      VIADUCT_LOG=warn "$FLOOR" --listen "$FLOOR_IP:$port" --to "${UAS_IPS[0]}:$port" --transport "$t" \
+        >"$dir/floor.log" 2>&1 &
+      BAL_PID=$!; started $BAL_PID
+      if [ "$t" = tcp ]; then wait_tcp "$FLOOR_IP" "$port" 20; else sleep 0.5; fi
+      TARGET="$FLOOR_IP:$port" ;;
     direct)
       TARGET="${UAS_IPS[0]}:$port" ;;
   esac

@@ -360,6 +360,7 @@ LABEL = {
     "kam-dlg": "Kamailio tm+dialog",
     "vd-plain": "viaduct plain-SIP",
     "vd-agent": "viaduct agent mode",
+    "floor": "floor: byte relay, no SIP work",
     "direct": "SIPp direct (no balancer)",
 }
 
@@ -445,7 +446,10 @@ def cmd_report(a):
              "request's time in the balancer plus the 200's time in the balancer, per call "
              "(capture timestamps, µs).")
     L.append("* Agent mode has different backends (demo backends over encap links): reported "
-             "beside, its *added* latency is against SIPp direct all the same.\n")
+             "beside, its *added* latency is against SIPp direct all the same.")
+    L.append("* *floor* is `viaduct-floor` (bench/floor): one tokio thread relaying the client's "
+             "bytes to one UAS and back without reading them: what a balancer pays on this "
+             "machine before any SIP work.\n")
 
     def u(v):
         return fmt(v)
@@ -459,7 +463,7 @@ def cmd_report(a):
                  "in balancer BYE+200 p50 / p99 µs |")
         L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for rate in rates:
-            for c in BALANCERS + ["direct"]:
+            for c in BALANCERS + ["floor", "direct"]:
                 r = key.get((t, c, rate))
                 if not r:
                     continue
@@ -482,10 +486,10 @@ def cmd_report(a):
         L.append(f"### Ratios viaduct / Kamailio, {t.upper()}\n")
         L.append("| rate cps | CPU plain / Kam stateless | CPU plain / Kam dialog | "
                  "mem plain / Kam stateless | mem plain / Kam dialog | CPU agent / Kam stateless | "
-                 "failed (plain, agent, Kam sl, Kam dlg) |")
-        L.append("|---:|---:|---:|---:|---:|---:|---|")
+                 "CPU floor / Kam stateless | failed (plain, agent, Kam sl, Kam dlg) |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---|")
         for rate in rates:
-            g = {c: key.get((t, c, rate)) for c in BALANCERS}
+            g = {c: key.get((t, c, rate)) for c in BALANCERS + ["floor"]}
             if not (g["vd-plain"] and g["kam-sl"]):
                 continue
             cpu = {c: (g[c] or {}).get("cpu_ms_per_1k") for c in g}
@@ -497,7 +501,8 @@ def cmd_report(a):
                      f"{fmt(ratio(cpu['vd-plain'], cpu['kam-dlg']), '.2f')} | "
                      f"{fmt(ratio(memv['vd-plain'], memv['kam-sl']), '.2f')} | "
                      f"{fmt(ratio(memv['vd-plain'], memv['kam-dlg']), '.2f')} | "
-                     f"{fmt(ratio(cpu['vd-agent'], cpu['kam-sl']), '.2f')} | {fails} |")
+                     f"{fmt(ratio(cpu['vd-agent'], cpu['kam-sl']), '.2f')} | "
+                     f"{fmt(ratio(cpu['floor'], cpu['kam-sl']), '.2f')} | {fails} |")
         L.append("")
 
     # Targets that this run can judge.
@@ -542,6 +547,11 @@ def cmd_report(a):
                      f"{(r.get('bye_transit_p99_us') or 0):.0f} µs); through-minus-direct p99 "
                      + ", ".join(f"{v:.0f} µs" for v in ad)
                      + " (differences of two noisy distributions, SIPp's own scheduling dominates)")
+            fl = key.get(("tcp", "floor", near))
+            if fl and fl.get("invite_transit_p99_us") is not None:
+                L.append(f"  * the floor at {near} cps (a relay reading no SIP): INVITE+200 p99 "
+                         f"{fl['invite_transit_p99_us']:.0f} µs, BYE+200 p99 "
+                         f"{(fl.get('bye_transit_p99_us') or 0):.0f} µs in the relay")
         if max(clean) == max(rates):
             L.append(f"* Over TCP no contender failed a call up to the top of this ladder ({max(rates)} cps): "
                      "the highest clean TCP rate is at least that, not found (use --full or --rates).")
@@ -562,9 +572,10 @@ def plot(runs, transports, rates, out):
         return
     fig, axes = plt.subplots(2, len(transports), figsize=(6 * len(transports), 7), squeeze=False)
     style = {"kam-sl": ("tab:red", "o-"), "kam-dlg": ("tab:orange", "s-"),
-             "vd-plain": ("tab:blue", "o-"), "vd-agent": ("tab:cyan", "^--")}
+             "vd-plain": ("tab:blue", "o-"), "vd-agent": ("tab:cyan", "^--"),
+             "floor": ("tab:gray", "x:")}
     for i, t in enumerate(transports):
-        for c in BALANCERS:
+        for c in BALANCERS + ["floor"]:
             pts = sorted((r["rate"], r) for r in runs if r["transport"] == t and r["contender"] == c)
             if not pts:
                 continue
