@@ -89,7 +89,7 @@ pub struct Forward<'a> {
     /// The affinity tag of the call's backend.
     pub tag: &'a [u8; TAG_LEN],
     /// Our branch ([`stateless_branch`]).
-    pub branch: &'a str,
+    pub branch: &'a [u8],
     /// The connection or socket it came in on.
     pub conn: ConnId,
     /// The sender's address (`received`, `rport`).
@@ -106,60 +106,114 @@ pub struct Forward<'a> {
 }
 
 fn hex(out: &mut String, value: u64, digits: usize) {
+    let mut text = [0u8; 16];
+    hex_into(&mut text[..digits], value);
+    out.extend(text[..digits].iter().map(|&b| char::from(b)));
+}
+
+/// Writes the low `out.len()` hex digits of `value` into `out`.
+fn hex_into(out: &mut [u8], value: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for i in (0..digits).rev() {
-        let nibble = (value >> (i * 4)) & 0xf;
+    let n = out.len();
+    for (i, d) in out.iter_mut().enumerate() {
+        let nibble = (value >> ((n - 1 - i) * 4)) & 0xf;
         // A nibble indexes the 16 digits.
         #[allow(clippy::cast_possible_truncation)]
-        out.push(char::from(DIGITS[nibble as usize]));
+        {
+            *d = DIGITS[nibble as usize];
+        }
     }
 }
 
-fn field(h: &mut SipHasher13, bytes: &[u8]) {
-    h.write_usize(bytes.len());
-    h.write(bytes);
+/// The input of a branch hash, gathered in a buffer on the stack and fed to
+/// SipHash in as few writes as it allows (many small writes cost several
+/// times more). Each field is its length (8 bytes, little-endian, as
+/// `Hasher::write_usize` feeds SipHash) then its bytes: SipHash reads one
+/// stream whatever its writes, so the hashes are those of the fields
+/// written one by one.
+struct HashInput {
+    hasher: SipHasher13,
+    buf: [u8; 128],
+    len: usize,
+}
+
+impl HashInput {
+    fn new(keys: (u64, u64)) -> Self {
+        HashInput {
+            hasher: SipHasher13::new_with_keys(keys.0, keys.1),
+            buf: [0; 128],
+            len: 0,
+        }
+    }
+    fn bytes(&mut self, bytes: &[u8]) -> &mut Self {
+        if self.len + bytes.len() > self.buf.len() {
+            self.hasher.write(&self.buf[..self.len]);
+            self.len = 0;
+            if bytes.len() > self.buf.len() {
+                self.hasher.write(bytes);
+                return self;
+            }
+        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+        self
+    }
+    fn field(&mut self, bytes: &[u8]) -> &mut Self {
+        self.bytes(&(bytes.len() as u64).to_le_bytes()).bytes(bytes)
+    }
+    fn finish(&mut self) -> u64 {
+        self.hasher.write(&self.buf[..self.len]);
+        self.len = 0;
+        self.hasher.finish()
+    }
 }
 
 /// The stateless branch of a request forwarded with `tag` (see the module
 /// doc): retransmissions, and the CANCEL and non-2xx ACK of an INVITE, get
-/// the INVITE's branch.
-pub fn stateless_branch(msg: &SipMessage, tag: &[u8; TAG_LEN]) -> String {
-    let mut h = SipHasher13::new_with_keys(BRANCH_KEYS.0, BRANCH_KEYS.1);
-    field(&mut h, tag);
+/// the INVITE's branch. ASCII, [`BRANCH_LEN`] bytes.
+pub fn stateless_branch(msg: &SipMessage, tag: &[u8; TAG_LEN]) -> [u8; BRANCH_LEN] {
+    let mut input = HashInput::new(BRANCH_KEYS);
+    input.field(tag);
     match msg.top_via() {
         Some(via) if via.branch.is_some_and(|b| b.starts_with(b"z9hG4bK")) => {
-            field(&mut h, via.branch.unwrap_or_default());
-            field(&mut h, via.host);
-            h.write_u16(via.port.unwrap_or(0));
+            input
+                .field(via.branch.unwrap_or_default())
+                .field(via.host)
+                .bytes(&via.port.unwrap_or(0).to_le_bytes());
         }
         via => {
-            field(&mut h, via.map(|v| v.raw).unwrap_or_default());
-            field(&mut h, msg.call_id().unwrap_or_default());
-            field(&mut h, msg.from_tag().unwrap_or_default());
-            field(&mut h, msg.to_tag().unwrap_or_default());
-            h.write_u32(msg.cseq().map_or(0, |c| c.seq));
-            field(&mut h, msg.request_uri().map(|u| u.raw).unwrap_or_default());
+            input
+                .field(via.map(|v| v.raw).unwrap_or_default())
+                .field(msg.call_id().unwrap_or_default())
+                .field(msg.from_tag().unwrap_or_default())
+                .field(msg.to_tag().unwrap_or_default())
+                .bytes(&msg.cseq().map_or(0, |c| c.seq).to_le_bytes())
+                .field(msg.request_uri().map(|u| u.raw).unwrap_or_default());
         }
     }
-    let txn = h.finish();
-    let mut out = String::with_capacity(BRANCH_LEN);
-    out.push_str("z9hG4bK-vp");
-    out.extend(tag.iter().map(|&b| char::from(b)));
-    hex(&mut out, txn, TXN_HEX);
-    hex(&mut out, u64::from(loop_hash(msg, tag)), LOOP_HEX);
+    let txn = input.finish();
+    let mut out = [0u8; BRANCH_LEN];
+    let (prefix, rest) = out.split_at_mut(PROXY_BRANCH_PREFIX.len());
+    prefix.copy_from_slice(PROXY_BRANCH_PREFIX);
+    let (tag_part, rest) = rest.split_at_mut(TAG_LEN);
+    tag_part.copy_from_slice(tag);
+    let (txn_part, loop_part) = rest.split_at_mut(TXN_HEX);
+    hex_into(txn_part, txn);
+    hex_into(loop_part, u64::from(loop_hash(msg, tag)));
     out
 }
 
 fn loop_hash(msg: &SipMessage, tag: &[u8; TAG_LEN]) -> u32 {
-    let mut h = SipHasher13::new_with_keys(LOOP_KEYS.0, LOOP_KEYS.1);
-    field(&mut h, tag);
-    field(&mut h, msg.request_uri().map(|u| u.raw).unwrap_or_default());
-    field(&mut h, msg.call_id().unwrap_or_default());
-    field(&mut h, msg.from_tag().unwrap_or_default());
-    h.write_u32(msg.cseq().map_or(0, |c| c.seq));
+    let mut input = HashInput::new(LOOP_KEYS);
+    input
+        .field(tag)
+        .field(msg.request_uri().map(|u| u.raw).unwrap_or_default())
+        .field(msg.call_id().unwrap_or_default())
+        .field(msg.from_tag().unwrap_or_default())
+        .bytes(&msg.cseq().map_or(0, |c| c.seq).to_le_bytes());
     // The low half: 8 hex digits.
     #[allow(clippy::cast_possible_truncation)]
-    let low = h.finish() as u32;
+    let low = input.finish() as u32;
     low
 }
 
@@ -170,8 +224,8 @@ static BRANCH_PREFIX_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>
 /// Whether `msg`, about to be forwarded with `branch`, has been through
 /// this balancer towards the same backend unchanged: a loop (RFC 3261
 /// §16.3 step 4). Costs one substring search unless it has.
-pub fn is_loop(msg: &SipMessage, branch: &str) -> bool {
-    let b = branch.as_bytes();
+pub fn is_loop(msg: &SipMessage, branch: &[u8]) -> bool {
+    let b = branch;
     if b.len() != BRANCH_LEN {
         return false;
     }
@@ -410,7 +464,7 @@ pub fn forward_request(msg: &SipMessage, f: &Forward<'_>) -> Bytes {
     text.push(b' ');
     push_socket_addr(&mut text, f.egress.addr);
     text.extend_from_slice(b";branch=");
-    text.extend_from_slice(f.branch.as_bytes());
+    text.extend_from_slice(f.branch);
     text.push(b';');
     text.extend_from_slice(CONN_PARAM.as_bytes());
     text.push(b'=');
@@ -553,6 +607,32 @@ mod tests {
 
     fn msg(s: &str) -> SipMessage {
         SipMessage::parse(Bytes::copy_from_slice(s.as_bytes())).unwrap()
+    }
+
+    /// Branches must not change between releases: during a rolling
+    /// upgrade a retransmission, CANCEL or ACK may reach a replica of the
+    /// other version, which must give it the INVITE's branch. These values
+    /// were computed by the first release's code.
+    #[test]
+    fn stateless_branches_are_stable_across_releases() {
+        let tag = b"0123456789abcdef0";
+        let rfc3261 = msg("INVITE sip:svc@192.0.2.1 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.7:5070;branch=z9hG4bK-client-1;rport\r\nFrom: <sip:a@b>;tag=f1\r\nTo: <sip:svc@192.0.2.1>\r\nCall-ID: c1@h\r\nCSeq: 7 INVITE\r\nl: 0\r\n\r\n");
+        let rfc2543 = msg("INVITE sip:svc@192.0.2.1 SIP/2.0\r\nVia: SIP/2.0/UDP 198.51.100.7\r\nFrom: <sip:a@b>;tag=f1\r\nTo: <sip:svc@192.0.2.1>;tag=t9\r\nCall-ID: c1@h\r\nCSeq: 7 INVITE\r\nl: 0\r\n\r\n");
+        let got = [
+            stateless_branch(&rfc3261, tag),
+            stateless_branch(&rfc2543, tag),
+        ];
+        let got: Vec<&str> = got
+            .iter()
+            .map(|b| std::str::from_utf8(b.as_ref()).unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "z9hG4bK-vp0123456789abcdef05c68597ff853466d65a0741c",
+                "z9hG4bK-vp0123456789abcdef0548d2ca1fdc971f065a0741c"
+            ]
+        );
     }
 
     #[test]

@@ -51,14 +51,16 @@ struct Edit {
 
 /// A set of edits over a [`SipMessage`], applied by [`Rewrite::finish`].
 ///
-/// Storage is inline for up to 8 edits and 256 bytes of new text, so typical
-/// rewrites (a Via, an rport, a Record-Route) do not touch the heap until
-/// `finish` allocates the result.
+/// Storage is inline for up to 8 edits; the new text takes one allocation
+/// (256 bytes, enough for a Via, an rport and a Record-Route) with the
+/// first edit, and `finish` one more for the result.
 #[derive(Debug, Clone)]
 pub struct Rewrite<'m> {
     msg: &'m SipMessage,
     edits: SmallVec<[Edit; 8]>,
-    text: SmallVec<[u8; 256]>,
+    // A Vec, not inline storage: many small appends per message, and a
+    // SmallVec's append costs several times a Vec's.
+    text: Vec<u8>,
     skipped: usize,
 }
 
@@ -82,7 +84,7 @@ impl<'m> Rewrite<'m> {
         Rewrite {
             msg,
             edits: SmallVec::new(),
-            text: SmallVec::new(),
+            text: Vec::new(),
             skipped: 0,
         }
     }
@@ -93,6 +95,10 @@ impl<'m> Rewrite<'m> {
     }
 
     fn splice(&mut self, start: usize, end: usize, parts: &[&[u8]]) {
+        if self.text.capacity() == 0 {
+            // One allocation serves a typical message's new text.
+            self.text.reserve(256);
+        }
         let text_start = self.text.len();
         for p in parts {
             self.text.extend_from_slice(p);
@@ -175,17 +181,33 @@ impl<'m> Rewrite<'m> {
             self.skipped += params.len();
             return self;
         };
+        let base = offset_in(via.params, whole);
         let mut found: SmallVec<[Option<std::ops::Range<usize>>; 4]> =
             params.iter().map(|_| None).collect();
-        let _ = scan_params(via.params, 0, |p| {
-            let name = &via.params[p.name.clone()];
-            for (slot, (want, _)) in found.iter_mut().zip(params) {
-                if slot.is_none() && name.eq_ignore_ascii_case(want.as_bytes()) {
-                    *slot = Some(p.name.start..p.value.as_ref().map_or(p.name.end, |v| v.end));
-                }
+        // `received` and `rport` (what a proxy fills on ingress): where the
+        // scan saw them; any other name: a walk of the parameters.
+        let known = msg.top_via_received_rport().unwrap_or_default();
+        let slot_of = |name: &str| match name.len() {
+            8 if name.eq_ignore_ascii_case("received") => Some(0),
+            5 if name.eq_ignore_ascii_case("rport") => Some(1),
+            _ => None,
+        };
+        if params.iter().all(|(name, _)| slot_of(name).is_some()) {
+            for (slot, (name, _)) in found.iter_mut().zip(params) {
+                *slot = slot_of(name)
+                    .and_then(|k| known[k].clone())
+                    .map(|r| r.start - base..r.end - base);
             }
-        });
-        let base = offset_in(via.params, whole);
+        } else {
+            let _ = scan_params(via.params, 0, |p| {
+                let name = &via.params[p.name.clone()];
+                for (slot, (want, _)) in found.iter_mut().zip(params) {
+                    if slot.is_none() && name.eq_ignore_ascii_case(want.as_bytes()) {
+                        *slot = Some(p.name.start..p.value.as_ref().map_or(p.name.end, |v| v.end));
+                    }
+                }
+            });
+        }
         let at = offset_in(via.raw, whole) + via.raw.len();
         for (&(name, value), slot) in params.iter().zip(found) {
             if !self.param_ok(name, value) {
@@ -450,6 +472,47 @@ mod tests {
             &out[..],
             &b"OPTIONS sip:a@b;transport=tcp SIP/2.0\r\nVia: SIP/2.0/TCP lb;branch=z9hG4bKlb\r\nv: SIP/2.0/UDP h;rport=5060;branch=z9hG4bK1;received=192.0.2.1\r\nm: <sip:c@d;ob>\r\nl: 0\r\n\r\n"[..]
         );
+    }
+
+    /// `received` and `rport` are found where the scan saw them; any other
+    /// name by a walk of the parameters. Both must edit the same places:
+    /// the same edits with a third, unknown name (which sends them all down
+    /// the walk) give what the scan's places give plus that name.
+    #[test]
+    fn received_and_rport_from_the_scan_match_a_parameter_walk() {
+        let vias = [
+            "SIP/2.0/UDP h;rport;branch=z9hG4bK1",
+            "SIP/2.0/TCP h:5060;branch=z9hG4bK1;RPORT;Received=10.0.0.1",
+            "SIP/2.0/UDP h;rport=7;rport;received=a;received=b;branch=x",
+            "SIP/2.0/UDP h ; rport ; received = 192.0.2.9 ;branch=x",
+            "SIP/2.0/UDP h;branch=x, SIP/2.0/UDP i;rport;received=1.1.1.1",
+            "SIP/2.0/UDP [2001:db8::1]:5060;branch=x;received=1.1.1.1;rport=5",
+            "SIP/2.0/UDP h;xrport;rportx=1;branch=x",
+            "SIP/2.0/UDP h",
+        ];
+        for via in vias {
+            let m = msg(&format!(
+                "OPTIONS sip:a@b SIP/2.0\r\nVia: {via}\r\nl: 0\r\n\r\n"
+            ));
+            for values in [
+                [Some(&b"192.0.2.1"[..]), Some(&b"5070"[..])],
+                [Some(&b"192.0.2.1"[..]), None],
+            ] {
+                let mut walked = Rewrite::new(&m);
+                walked.set_top_via_params(&[
+                    ("received", values[0]),
+                    ("rport", values[1]),
+                    ("x-probe", None),
+                ]);
+                let mut scanned = Rewrite::new(&m);
+                scanned
+                    .set_top_via_params(&[("received", values[0]), ("rport", values[1])])
+                    .set_top_via_param("x-probe", None);
+                assert_eq!(scanned.finish(), walked.finish(), "Via: {via}");
+                let out = scanned.finish();
+                assert!(SipMessage::parse(out.clone()).is_ok(), "{out:?}");
+            }
+        }
     }
 
     /// Found by fuzzing (sip_scan): an addr-spec Contact whose opaque URI held

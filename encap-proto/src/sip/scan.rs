@@ -867,15 +867,21 @@ fn parse_via_spans(s: &[u8], i: usize) -> Result<(ViaSpans, usize), &'static str
     let mut branch: Option<Option<Range<usize>>> = None;
     let mut received: Option<Option<Range<usize>>> = None;
     let mut rport: Option<Option<Range<usize>>> = None;
+    // Where the first `received` and `rport` are, name through value.
+    let (mut received_param, mut rport_param) = (None, None);
     let end = scan_params(s, j, |p| {
         let n = &s[p.name.clone()];
-        let slot = match n.len() {
-            6 if is_name(n, b"branch") => &mut branch,
-            8 if is_name(n, b"received") => &mut received,
-            5 if is_name(n, b"rport") => &mut rport,
+        let (slot, whole) = match n.len() {
+            6 if is_name(n, b"branch") => (&mut branch, None),
+            8 if is_name(n, b"received") => (&mut received, Some(&mut received_param)),
+            5 if is_name(n, b"rport") => (&mut rport, Some(&mut rport_param)),
             _ => return,
         };
         if slot.is_none() {
+            if let Some(w) = whole {
+                let end = p.value.as_ref().map_or(p.name.end, |v| v.end);
+                *w = Some(Span::new(p.name.start..end));
+            }
             *slot = Some(p.value);
         }
     })?;
@@ -911,6 +917,8 @@ fn parse_via_spans(s: &[u8], i: usize) -> Result<(ViaSpans, usize), &'static str
             branch,
             received,
             rport,
+            received_param,
+            rport_param,
             params,
             raw: Span::new(start..raw_end),
         },
@@ -1330,6 +1338,10 @@ struct ViaSpans {
     branch: Option<Span>,
     received: Option<Span>,
     rport: Option<Option<u16>>,
+    /// The first `received` and `rport` parameters, name through value:
+    /// what a proxy fills on ingress (`Rewrite::set_top_via_params`).
+    received_param: Option<Span>,
+    rport_param: Option<Span>,
     params: Span,
     raw: Span,
 }
@@ -1351,6 +1363,8 @@ impl ViaSpans {
             branch: self.branch.map(sh),
             received: self.received.map(sh),
             rport: self.rport,
+            received_param: self.received_param.map(sh),
+            rport_param: self.rport_param.map(sh),
             params: sh(self.params),
             raw: sh(self.raw),
         }
@@ -2151,6 +2165,14 @@ impl SipMessage {
     /// The first via-parm of the first Via header.
     pub fn top_via(&self) -> Option<Via<'_>> {
         self.top_via.map(|v| v.get(&self.bytes))
+    }
+
+    /// Where the top via-parm's first `received` and `rport` parameters are
+    /// in [`bytes`](Self::bytes), name through value (`None`: absent).
+    pub(crate) fn top_via_received_rport(&self) -> Option<[Option<Range<usize>>; 2]> {
+        let v = self.top_via?;
+        let r = |s: Option<Span>| s.map(|s| s.start as usize..s.end as usize);
+        Some([r(v.received_param), r(v.rport_param)])
     }
 
     /// The via-parm below the top one (the next in the top Via header, else
