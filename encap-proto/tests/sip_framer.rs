@@ -5,9 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 use bytes::{Bytes, BytesMut};
+use encap_proto::sip::checks::{frame_stream, scan_stream, unit_of_framed, unit_of_scanned, Unit};
 use encap_proto::sip::{
-    frame_datagram, frame_datagram_scanned, Framed, FramingError, Limits, Scanned, SipMessage,
-    StreamFramer,
+    frame_datagram, frame_datagram_scanned, Framed, FramingError, Limits, StreamFramer,
 };
 use proptest::prelude::*;
 
@@ -33,26 +33,7 @@ const FOLDED: &[u8] =
 
 /// Runs the framer over `chunks`, collecting units, and the error that ended it (if any).
 fn run(chunks: &[&[u8]], limits: Limits) -> (Vec<Framed>, Option<FramingError>) {
-    let mut framer = StreamFramer::new(limits);
-    let mut buf = BytesMut::new();
-    let mut out = vec![];
-    for c in chunks {
-        buf.extend_from_slice(c);
-        loop {
-            match framer.decode(&mut buf) {
-                Ok(Some(f)) => out.push(f),
-                Ok(None) => break,
-                Err(e) => return (out, Some(e)),
-            }
-        }
-    }
-    loop {
-        match framer.decode_eof(&mut buf) {
-            Ok(Some(f)) => out.push(f),
-            Ok(None) => return (out, None),
-            Err(e) => return (out, Some(e)),
-        }
-    }
+    frame_stream(chunks.iter().copied(), limits)
 }
 
 fn whole(input: &[u8]) -> (Vec<Framed>, Option<FramingError>) {
@@ -348,39 +329,6 @@ fn stream_corpus_cached() -> &'static [Vec<u8>] {
     CORPUS.get_or_init(stream_corpus)
 }
 
-/// What one unit of a stream is, for comparing [`StreamFramer::decode_scanned`]
-/// with `decode` then [`SipMessage::parse_with`]: a scanned message by its
-/// bytes and every offset the scan kept (its `Debug` form).
-#[derive(Debug, PartialEq)]
-enum Unit {
-    Message(Bytes, String),
-    Invalid(Bytes, encap_proto::sip::ScanError),
-    Ping,
-    Pong,
-}
-
-fn unit_of_framed(f: Framed, limits: &Limits) -> Unit {
-    match f {
-        Framed::Message(m) => match SipMessage::parse_with(m.clone(), limits) {
-            Ok(msg) => Unit::Message(m, format!("{msg:?}")),
-            Err(e) => Unit::Invalid(m, e),
-        },
-        Framed::Ping => Unit::Ping,
-        Framed::Pong => Unit::Pong,
-    }
-}
-
-/// A unit as the one-walk paths (`decode_scanned`, `frame_datagram_scanned`)
-/// give it.
-fn unit_of_scanned(s: Scanned) -> Unit {
-    match s {
-        Scanned::Message(msg) => Unit::Message(msg.bytes().clone(), format!("{msg:?}")),
-        Scanned::Invalid { message, error } => Unit::Invalid(message, error),
-        Scanned::Ping => Unit::Ping,
-        Scanned::Pong => Unit::Pong,
-    }
-}
-
 /// `decode` then `parse_with` on every message, `decode_eof` at the end.
 fn run_parsed(chunks: &[&[u8]], limits: Limits) -> (Vec<Unit>, Option<FramingError>) {
     let (units, err) = run(chunks, limits);
@@ -393,26 +341,7 @@ fn run_parsed(chunks: &[&[u8]], limits: Limits) -> (Vec<Unit>, Option<FramingErr
 
 /// `decode_scanned` on every chunk, `decode_eof` (then `parse_with`) at the end.
 fn run_scanned(chunks: &[&[u8]], limits: Limits) -> (Vec<Unit>, Option<FramingError>) {
-    let mut framer = StreamFramer::new(limits);
-    let mut buf = BytesMut::new();
-    let mut out = vec![];
-    for c in chunks {
-        buf.extend_from_slice(c);
-        loop {
-            match framer.decode_scanned(&mut buf) {
-                Ok(Some(s)) => out.push(unit_of_scanned(s)),
-                Ok(None) => break,
-                Err(e) => return (out, Some(e)),
-            }
-        }
-    }
-    loop {
-        match framer.decode_eof(&mut buf) {
-            Ok(Some(f)) => out.push(unit_of_framed(f, &limits)),
-            Ok(None) => return (out, None),
-            Err(e) => return (out, Some(e)),
-        }
-    }
+    scan_stream(chunks.iter().copied(), limits)
 }
 
 fn corpus_files(dir: &std::path::Path, out: &mut Vec<Vec<u8>>) {
