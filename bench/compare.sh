@@ -65,7 +65,7 @@ while [ $# -gt 0 ]; do
     --no-memory) MEMORY=0 ;;
     --memory-only) LADDER=0 ;;
     --no-install) INSTALL=0 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -105,9 +105,17 @@ done
 VIADUCT="$RAW/bin/viaduct"
 DEMO="$RAW/bin/viaduct-demo-backend"
 FLOOR="$RAW/bin/viaduct-floor"
-case "$([ "$LADDER" = 1 ] && echo "$CONTENDERS") $([ "$MEMORY" = 1 ] && echo "$MEM_CONTENDERS")" in *vd-*|*floor*)
-  for b in "$VIADUCT" "$DEMO" "$FLOOR"; do [ -x "$b" ] || { echo "missing $b (run without --no-install)" >&2; exit 1; }; done ;;
-esac
+# Each binary is needed only if a contender that runs it is listed.
+WANTED="$([ "$LADDER" = 1 ] && echo "$CONTENDERS") $([ "$MEMORY" = 1 ] && echo "$MEM_CONTENDERS")"
+need_bin() {  # BINARY PATTERN...
+  local b=$1 c p; shift
+  for c in $WANTED; do for p in "$@"; do
+    if [ "$c" = "$p" ] && [ ! -x "$b" ]; then echo "missing $b (run without --no-install)" >&2; exit 1; fi
+  done; done
+}
+need_bin "$VIADUCT" vd-plain vd-agent
+need_bin "$DEMO" vd-agent
+need_bin "$FLOOR" floor
 
 # ------------------------------------------------------------------ actors
 CLIENT_IP=127.0.0.60

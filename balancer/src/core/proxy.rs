@@ -127,10 +127,11 @@ fn hex_into(out: &mut [u8], value: u64) {
 
 /// The input of a branch hash, gathered in a buffer on the stack and fed to
 /// SipHash in as few writes as it allows (many small writes cost several
-/// times more). Each field is its length (8 bytes, little-endian, as
-/// `Hasher::write_usize` feeds SipHash) then its bytes: SipHash reads one
-/// stream whatever its writes, so the hashes are those of the fields
-/// written one by one.
+/// times more). Each field is its length (8 bytes, little-endian: what
+/// `Hasher::write_usize` feeds SipHash on 64-bit targets, which the
+/// first release's branches were computed with) then its bytes: SipHash
+/// reads one stream whatever its writes, so the hashes are those of the
+/// fields written one by one.
 struct HashInput {
     hasher: SipHasher13,
     buf: [u8; 128],
@@ -633,6 +634,38 @@ mod tests {
                 "z9hG4bK-vp0123456789abcdef0548d2ca1fdc971f065a0741c"
             ]
         );
+    }
+
+    /// The buffered input hashes as the fields written one by one
+    /// (`write_usize` then `write`, as the first release did), whatever
+    /// the lengths around the 128-byte buffer: flushes, exact fills and
+    /// fields longer than the buffer.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn hash_input_is_the_field_by_field_hash() {
+        let data: Vec<u8> = (0..700u32).map(|i| (i * 7 + 3) as u8).collect();
+        let lens = [
+            0, 1, 7, 8, 60, 111, 112, 119, 120, 121, 127, 128, 129, 135, 136, 200, 300,
+        ];
+        for &a in &lens {
+            for &b in &lens {
+                let (x, y) = (&data[..a], &data[a..a + b]);
+                let mut h = SipHasher13::new_with_keys(BRANCH_KEYS.0, BRANCH_KEYS.1);
+                h.write_usize(x.len());
+                h.write(x);
+                h.write_u16(5060);
+                h.write_usize(y.len());
+                h.write(y);
+                h.write_u32(7);
+                let mut input = HashInput::new(BRANCH_KEYS);
+                input
+                    .field(x)
+                    .bytes(&5060u16.to_le_bytes())
+                    .field(y)
+                    .bytes(&7u32.to_le_bytes());
+                assert_eq!(input.finish(), h.finish(), "fields of {a} and {b} bytes");
+            }
+        }
     }
 
     #[test]
