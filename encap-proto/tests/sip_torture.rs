@@ -8,10 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use bytes::{Bytes, BytesMut};
-use encap_proto::sip::checks::assert_cached_agree;
+use encap_proto::sip::checks::{self, assert_cached_agree};
 use encap_proto::sip::{
-    frame_datagram, Framed, FramingError, Limits, Rewrite, SipMessage, StartLine, StreamFramer,
-    UriTarget,
+    frame_datagram, Framed, FramingError, Limits, SipMessage, StartLine, StreamFramer,
 };
 
 const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../conformance/corpus");
@@ -399,38 +398,8 @@ fn no_input_panics_even_truncated_at_every_length() {
 
 /// Scans and, if that works, touches every accessor and rewrites.
 fn exercise(b: Bytes) {
-    let Ok(m) = SipMessage::parse(b) else { return };
-    assert_cached_agree(&m);
-    let _ = (
-        m.start_line(),
-        m.request_uri(),
-        m.call_id(),
-        m.cseq(),
-        m.top_via(),
-        m.top_route(),
-    );
-    let _ = (
-        m.contact(),
-        m.from_tag(),
-        m.to_tag(),
-        m.max_forwards(),
-        m.body(),
-    );
-    let _ = m.vias().count();
-    let out = Rewrite::new(&m)
-        .insert_header("Via", b"SIP/2.0/TCP lb.example;branch=z9hG4bKx")
-        .set_top_via_param("rport", Some(b"1"))
-        .set_uri_param(UriTarget::Contact, "ob", None)
-        .set_uri_param(UriTarget::TopRoute, "lr", None)
-        .set_uri_param(UriTarget::RequestUri, "x", Some(b"y"))
-        .remove_headers("route")
-        .set_uri_hostport(UriTarget::Contact, "2001:db8::1", Some(5060))
-        .remove_headers_with_prefix("X-Viaduct-")
-        .finish();
-    let again = SipMessage::parse(out).unwrap();
-    assert!(!again.has_viaduct_headers());
-    if m.validate().is_ok() {
-        again.validate().unwrap();
+    if let Ok(m) = SipMessage::parse(b) {
+        checks::exercise(&m);
     }
 }
 

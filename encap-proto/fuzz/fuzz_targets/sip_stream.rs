@@ -4,53 +4,14 @@
 #![no_main]
 
 use bytes::Bytes;
-use encap_proto::sip::checks::{
-    assert_cached_agree, frame_stream, scan_stream, unit_of_framed, unit_of_scanned,
-};
-use encap_proto::sip::{
-    frame_datagram, frame_datagram_scanned, Framed, Limits, Rewrite, SipMessage, UriTarget,
-};
+use encap_proto::sip::checks::{self, frame_stream, scan_stream, unit_of_framed, unit_of_scanned};
+use encap_proto::sip::{frame_datagram, frame_datagram_scanned, Framed, Limits, SipMessage};
 use libfuzzer_sys::fuzz_target;
 
 fn exercise(m: Bytes) {
-    let Ok(msg) = SipMessage::parse(m) else {
-        return;
-    };
-    assert_cached_agree(&msg);
-    let _ = (
-        msg.start_line(),
-        msg.request_uri(),
-        msg.call_id(),
-        msg.cseq(),
-    );
-    let _ = (
-        msg.top_via(),
-        msg.top_route(),
-        msg.contact(),
-        msg.from_tag(),
-        msg.to_tag(),
-    );
-    let _ = (
-        msg.max_forwards(),
-        msg.content_length(),
-        msg.body(),
-        msg.vias().count(),
-    );
-    let _ = msg.header("subject");
-    let out = Rewrite::new(&msg)
-        .insert_header("Via", b"SIP/2.0/TCP lb.example.com;branch=z9hG4bKfuzz")
-        .set_top_via_param("rport", Some(b"5060"))
-        .set_uri_param(UriTarget::Contact, "ob", None)
-        .remove_headers("Route")
-        .finish();
-    let big = Limits {
-        max_header_bytes: usize::MAX,
-        max_body_bytes: usize::MAX,
-        max_headers: usize::MAX,
-    };
-    let again = SipMessage::parse_with(out, &big).expect("a rewritten message scans");
-    assert_eq!(again.call_id(), msg.call_id());
-    assert_eq!(again.body(), msg.body());
+    if let Ok(msg) = SipMessage::parse(m) {
+        checks::exercise(&msg);
+    }
 }
 
 fuzz_target!(|data: &[u8]| {

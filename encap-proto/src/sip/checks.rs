@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{
     Framed, FramingError, Limits, Rewrite, ScanError, Scanned, SipMessage, StartLine, StreamFramer,
-    Uri,
+    Uri, UriTarget,
 };
 
 /// One unit of a stream as either path gives it, for comparing
@@ -159,5 +159,74 @@ pub fn assert_cached_agree(m: &SipMessage) {
             m.to().and_then(|f| f.param("tag").flatten()),
             "To tag"
         );
+    }
+}
+
+/// Touches every accessor of a scanned message, checks its cached views
+/// ([`assert_cached_agree`]), then applies every kind of edit and checks
+/// that the result scans again with the same Call-ID and body, without
+/// Max-Forwards or `X-Viaduct-` headers, with views that agree, and valid
+/// if the original was.
+///
+/// # Panics
+///
+/// On the first check that fails.
+pub fn exercise(msg: &SipMessage) {
+    assert_cached_agree(msg);
+    let valid = msg.validate().is_ok();
+    let _ = (
+        msg.start_line(),
+        msg.request_uri(),
+        msg.call_id(),
+        msg.cseq(),
+    );
+    let _ = (
+        msg.top_via(),
+        msg.top_route(),
+        msg.contact(),
+        msg.from_tag(),
+        msg.to_tag(),
+    );
+    let _ = (
+        msg.max_forwards(),
+        msg.content_length(),
+        msg.body(),
+        msg.vias().count(),
+    );
+    let _ = (msg.headers("v").count(), msg.header("subject"));
+    if let Some(cid) = msg.call_id() {
+        assert_eq!(&msg.slice(cid)[..], cid, "Call-ID slice");
+    }
+    let out = Rewrite::new(msg)
+        .insert_header("Via", b"SIP/2.0/TCP lb.example.com;branch=z9hG4bKcheck")
+        .insert_header("Record-Route", b"<sip:lb.example.com;lr>")
+        .set_top_via_param("received", Some(b"192.0.2.1"))
+        .set_top_via_param("rport", None)
+        .set_uri_param(UriTarget::RequestUri, "transport", Some(b"tcp"))
+        .set_uri_param(UriTarget::TopRoute, "lr", None)
+        .set_uri_param(UriTarget::Contact, "ob", None)
+        .remove_headers("max-forwards")
+        .set_uri_hostport(UriTarget::Contact, "2001:db8::1", Some(5060))
+        .set_uri_hostport(UriTarget::RequestUri, "lb.example.com", None)
+        .remove_headers_with_prefix("X-Viaduct-")
+        .finish();
+    let big = Limits {
+        max_header_bytes: usize::MAX,
+        max_body_bytes: usize::MAX,
+        max_headers: usize::MAX,
+    };
+    let again = match SipMessage::parse_with(out.clone(), &big) {
+        Ok(m) => m,
+        Err(e) => panic!("a rewritten message does not scan ({e}): {out:?}"),
+    };
+    assert_eq!(again.call_id(), msg.call_id(), "Call-ID after the rewrite");
+    assert_eq!(again.body(), msg.body(), "body after the rewrite");
+    assert_eq!(again.max_forwards(), None, "Max-Forwards removed");
+    assert!(!again.has_viaduct_headers(), "X-Viaduct- headers removed");
+    assert_cached_agree(&again);
+    if valid {
+        if let Err(e) = again.validate() {
+            panic!("a rewrite of a valid message is invalid ({e}): {out:?}");
+        }
     }
 }
