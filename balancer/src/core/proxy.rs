@@ -162,9 +162,8 @@ impl HashInput {
     fn field(&mut self, bytes: &[u8]) -> &mut Self {
         self.bytes(&(bytes.len() as u64).to_le_bytes()).bytes(bytes)
     }
-    fn finish(&mut self) -> u64 {
+    fn finish(mut self) -> u64 {
         self.hasher.write(&self.buf[..self.len]);
-        self.len = 0;
         self.hasher.finish()
     }
 }
@@ -226,13 +225,12 @@ static BRANCH_PREFIX_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>
 /// this balancer towards the same backend unchanged: a loop (RFC 3261
 /// §16.3 step 4). Costs one substring search unless it has.
 pub fn is_loop(msg: &SipMessage, branch: &[u8]) -> bool {
-    let b = branch;
-    if b.len() != BRANCH_LEN {
+    if branch.len() != BRANCH_LEN {
         return false;
     }
     let (head, loop_part) = (
-        &b[..PROXY_BRANCH_PREFIX.len() + TAG_LEN],
-        &b[b.len() - LOOP_HEX..],
+        &branch[..PROXY_BRANCH_PREFIX.len() + TAG_LEN],
+        &branch[branch.len() - LOOP_HEX..],
     );
     // The prefix searcher is built once (building one per message cost
     // as much as the search); then each hit is checked for the tag.

@@ -55,26 +55,7 @@ pub fn frame_stream<'a>(
     chunks: impl IntoIterator<Item = &'a [u8]>,
     limits: Limits,
 ) -> (Vec<Framed>, Option<FramingError>) {
-    let mut framer = StreamFramer::new(limits);
-    let mut buf = BytesMut::new();
-    let mut out = Vec::new();
-    for c in chunks {
-        buf.extend_from_slice(c);
-        loop {
-            match framer.decode(&mut buf) {
-                Ok(Some(f)) => out.push(f),
-                Ok(None) => break,
-                Err(e) => return (out, Some(e)),
-            }
-        }
-    }
-    loop {
-        match framer.decode_eof(&mut buf) {
-            Ok(Some(f)) => out.push(f),
-            Ok(None) => return (out, None),
-            Err(e) => return (out, Some(e)),
-        }
-    }
+    drive(chunks, limits, StreamFramer::decode, |f| f)
 }
 
 /// `decode_scanned` over `chunks` fed in turn, `decode_eof` (then
@@ -83,14 +64,30 @@ pub fn scan_stream<'a>(
     chunks: impl IntoIterator<Item = &'a [u8]>,
     limits: Limits,
 ) -> (Vec<Unit>, Option<FramingError>) {
+    drive(
+        chunks,
+        limits,
+        |framer, buf| framer.decode_scanned(buf).map(|s| s.map(unit_of_scanned)),
+        |f| unit_of_framed(f, &limits),
+    )
+}
+
+/// Feeds `chunks` in turn to a framer, taking units with `step` while it
+/// gives them, then the rest with `decode_eof` (each mapped by `at_eof`).
+fn drive<'a, T>(
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+    limits: Limits,
+    mut step: impl FnMut(&mut StreamFramer, &mut BytesMut) -> Result<Option<T>, FramingError>,
+    at_eof: impl Fn(Framed) -> T,
+) -> (Vec<T>, Option<FramingError>) {
     let mut framer = StreamFramer::new(limits);
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     for c in chunks {
         buf.extend_from_slice(c);
         loop {
-            match framer.decode_scanned(&mut buf) {
-                Ok(Some(s)) => out.push(unit_of_scanned(s)),
+            match step(&mut framer, &mut buf) {
+                Ok(Some(u)) => out.push(u),
                 Ok(None) => break,
                 Err(e) => return (out, Some(e)),
             }
@@ -98,7 +95,7 @@ pub fn scan_stream<'a>(
     }
     loop {
         match framer.decode_eof(&mut buf) {
-            Ok(Some(f)) => out.push(unit_of_framed(f, &limits)),
+            Ok(Some(f)) => out.push(at_eof(f)),
             Ok(None) => return (out, None),
             Err(e) => return (out, Some(e)),
         }

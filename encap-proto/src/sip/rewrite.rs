@@ -182,21 +182,17 @@ impl<'m> Rewrite<'m> {
             return self;
         };
         let base = offset_in(via.params, whole);
+        // Where the scan kept a name's place, there; otherwise a walk of the
+        // parameters finds every name asked.
+        let kept: SmallVec<[Option<Option<std::ops::Range<usize>>>; 4]> = params
+            .iter()
+            .map(|(name, _)| msg.top_via_param_at(name))
+            .collect();
         let mut found: SmallVec<[Option<std::ops::Range<usize>>; 4]> =
             params.iter().map(|_| None).collect();
-        // `received` and `rport` (what a proxy fills on ingress): where the
-        // scan saw them; any other name: a walk of the parameters.
-        let known = msg.top_via_received_rport().unwrap_or_default();
-        let slot_of = |name: &str| match name.len() {
-            8 if name.eq_ignore_ascii_case("received") => Some(0),
-            5 if name.eq_ignore_ascii_case("rport") => Some(1),
-            _ => None,
-        };
-        if params.iter().all(|(name, _)| slot_of(name).is_some()) {
-            for (slot, (name, _)) in found.iter_mut().zip(params) {
-                *slot = slot_of(name)
-                    .and_then(|k| known[k].clone())
-                    .map(|r| r.start - base..r.end - base);
+        if kept.iter().all(Option::is_some) {
+            for (slot, at) in found.iter_mut().zip(kept) {
+                *slot = at.flatten().map(|r| r.start - base..r.end - base);
             }
         } else {
             let _ = scan_params(via.params, 0, |p| {

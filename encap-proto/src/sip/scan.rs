@@ -2167,12 +2167,19 @@ impl SipMessage {
         self.top_via.map(|v| v.get(&self.bytes))
     }
 
-    /// Where the top via-parm's first `received` and `rport` parameters are
-    /// in [`bytes`](Self::bytes), name through value (`None`: absent).
-    pub(crate) fn top_via_received_rport(&self) -> Option<[Option<Range<usize>>; 2]> {
+    /// Where the top via-parm's first parameter `name` is in
+    /// [`bytes`](Self::bytes), name through value, if the scan keeps that
+    /// name's place (`received` and `rport`, what a proxy fills on
+    /// ingress): `Some(None)` when the Via has no such parameter, `None`
+    /// when the scan does not track the name (or there is no Via).
+    pub(crate) fn top_via_param_at(&self, name: &str) -> Option<Option<Range<usize>>> {
         let v = self.top_via?;
-        let r = |s: Option<Span>| s.map(|s| s.start as usize..s.end as usize);
-        Some([r(v.received_param), r(v.rport_param)])
+        let at = match name.len() {
+            8 if name.eq_ignore_ascii_case("received") => v.received_param,
+            5 if name.eq_ignore_ascii_case("rport") => v.rport_param,
+            _ => return None,
+        };
+        Some(at.map(|s| s.start as usize..s.end as usize))
     }
 
     /// The via-parm below the top one (the next in the top Via header, else
