@@ -68,6 +68,12 @@ fn start(ip: &str) -> Lb {
 /// A balancer expecting load reports every `report_ms` (an agent link
 /// silent for 4 × 3 report intervals, at least 10 s, is closed).
 fn start_with_reports(ip: &str, report_ms: u32) -> Lb {
+    start_with(ip, report_ms, "")
+}
+
+/// A balancer as [`start_with_reports`], with `routing` appended to its
+/// `[routing]` table (and any tables after it, such as `[[pools]]`).
+fn start_with(ip: &str, report_ms: u32, routing: &str) -> Lb {
     let sip_port = free_port(ip, &[]);
     let agent_port = free_port(ip, &[sip_port]);
     let dir = tempfile::tempdir().unwrap();
@@ -80,7 +86,7 @@ fn start_with_reports(ip: &str, report_ms: u32) -> Lb {
              [[sip.listen]]\ntransport = \"udp\"\naddress = \"{ip}:{sip_port}\"\n\
              [[sip.listen]]\ntransport = \"tcp\"\naddress = \"{ip}:{sip_port}\"\n\
              [agents]\nlisten = \"{ip}:{agent_port}\"\nsecret_file = \"secret\"\n\
-             [routing]\nreport_interval_ms = {report_ms}\n"
+             [routing]\nreport_interval_ms = {report_ms}\n{routing}"
         ),
     )
     .unwrap();
@@ -787,4 +793,76 @@ async fn a_silent_agent_link_is_closed_and_a_live_one_is_kept() {
             other => panic!("no PONG on the live link: {other:?}"),
         }
     }
+}
+
+/// (9) A next hop that stops reading (plain-SIP pool, TCP): what the
+/// balancer forwards while the hop's socket is full waits in the
+/// connection's queue, and once the hop reads again every message arrives
+/// whole and in order, while the client keeps sending. Messages are
+/// written straight from the reader while the writer is idle, so this is
+/// where a message the socket took only in part must be finished, and the
+/// writer's batch written, before any later message is.
+#[tokio::test]
+async fn a_next_hop_that_stops_reading_gets_every_message_whole_and_in_order() {
+    const CALLS: usize = 600;
+    const BODY: usize = 16 * 1024;
+    let uas = TcpListener::bind("127.0.0.94:0").await.unwrap();
+    let uas_addr = uas.local_addr().unwrap();
+    let lb = start_with(
+        "127.0.0.93",
+        60_000,
+        &format!(
+            "default_pool = \"plain\"\n\
+             [[pools]]\nname = \"plain\"\nmode = \"sip\"\nprobe_interval_ms = 0\n\
+             members = [{{ address = \"{uas_addr}\", transport = \"tcp\", name = \"uas\" }}]\n"
+        ),
+    );
+    let mut client = SipConn::dial("127.0.0.95", lb.sip).await;
+    let body_of = |i: usize| -> String {
+        let c = char::from(b'a' + u8::try_from(i % 26).unwrap());
+        format!("{i:06}{}", c.to_string().repeat(BODY - 6))
+    };
+    // 9.6 MB in all, past what loopback sockets buffer, sent over about a
+    // second: the client goes on sending while the next hop reads.
+    let local = client.local;
+    let send_all = async {
+        for i in 0..CALLS {
+            let body = body_of(i);
+            let head = invite(&format!("stall-{i}"), local, lb.sip).replace(
+                "Content-Length: 0\r\n",
+                &format!("Content-Length: {}\r\n", body.len()),
+            );
+            client.send(&format!("{head}{body}")).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    let read_all = async {
+        let (stream, _) = tokio::time::timeout(STEP, uas.accept())
+            .await
+            .expect("the balancer did not connect to the pool member")
+            .unwrap();
+        // Not read at first: the balancer fills the socket and queues.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut hop = SipConn::from_stream(stream);
+        for i in 0..CALLS {
+            // Slower than the client: the socket stays near full.
+            if i % 4 == 3 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let got = hop.expect_msg("the next hop").await;
+            assert_eq!(
+                header(&got, "Call-ID"),
+                Some(format!("stall-{i}").as_str()),
+                "message {i} out of order"
+            );
+            let body = got.split_once("\r\n\r\n").unwrap().1;
+            assert!(body == body_of(i), "message {i}: body changed on the way");
+        }
+        hop.expect_quiet("the next hop").await;
+    };
+    tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(send_all, read_all)
+    })
+    .await
+    .expect("the run did not finish in 60 s");
 }

@@ -154,9 +154,9 @@ async fn serve_link(shared: Rc<Shared>, link: u64, stream: TcpStream, remote: So
         last_write: Cell::new(now),
     });
     if write_frame(&mut wr, &welcome, version).await {
-        shared
-            .tasks
-            .spawn_local(write_loop(wr, rx, state.clone()).instrument(tracing::Span::current()));
+        shared.tasks.spawn_local(
+            write_loop(Rc::new(wr), rx, state.clone()).instrument(tracing::Span::current()),
+        );
         let why = read_frames(&shared, id, &mut reader, &state).await;
         info!(agent = %name, backend = id, why, "agent link closed");
     }

@@ -46,7 +46,8 @@ use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use encap_proto::frame::{encode, Frame, PublicAddress, Transport};
 use rustc_hash::FxHashMap;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -407,6 +408,10 @@ struct ConnState {
 #[derive(Debug)]
 struct ConnHandle {
     tx: queue::Sender<Out>,
+    /// The write side, shared with the writer task: a message for an idle
+    /// writer is written straight from the task that routed it.
+    w: Rc<OwnedWriteHalf>,
+    state: Rc<ConnState>,
 }
 
 /// An authenticated agent link.
@@ -502,6 +507,25 @@ impl Shared {
             debug!(conn = id, "dropped: the connection closed meanwhile");
             return;
         };
+        let mut message = message;
+        // Nothing queued or being written: try the socket now, which saves
+        // waking the writer task (a task switch per message at low rates).
+        // What the socket does not take now goes to the queue in order.
+        if conn.tx.is_idle() {
+            match conn.w.try_write(&message) {
+                Ok(n) if n == message.len() => {
+                    conn.state.last_write.set(Instant::now());
+                    return;
+                }
+                Ok(n) => {
+                    conn.state.last_write.set(Instant::now());
+                    bytes::Buf::advance(&mut message, n);
+                }
+                // WouldBlock: the writer waits for room. An error: the
+                // writer meets it again and closes the connection.
+                Err(_) => {}
+            }
+        }
         match conn.tx.try_send(Out::Bytes(message)) {
             Ok(()) => {}
             Err(queue::SendError::Full) => {
@@ -642,12 +666,10 @@ fn unix_us() -> u64 {
 /// Writes what a connection's queue holds, gathering what is queued
 /// together into one vectored write (no copy), until the queue closes or
 /// says [`Out::Close`]; then shuts the write side and stops the reader.
-async fn write_loop(
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    mut rx: queue::Receiver<Out>,
-    state: Rc<ConnState>,
-) {
-    use tokio::io::AsyncWriteExt;
+///
+/// The write side is shared (see [`ConnHandle::w`]): others write on it
+/// only while the queue says this writer is idle ([`queue::Sender::is_idle`]).
+async fn write_loop(w: Rc<OwnedWriteHalf>, mut rx: queue::Receiver<Out>, state: Rc<ConnState>) {
     /// Bytes gathered into one write at most.
     const BATCH: usize = 64 * 1024;
     let mut batch: Vec<Bytes> = Vec::with_capacity(MAX_IOV);
@@ -672,7 +694,7 @@ async fn write_loop(
             }
         }
         if size > 0 {
-            if let Err(e) = write_all_vectored(&mut w, &mut batch).await {
+            if let Err(e) = write_all_vectored(&w, &mut batch).await {
                 debug!(error = %e, "write failed; closing");
                 break 'run;
             }
@@ -682,8 +704,12 @@ async fn write_loop(
         if close {
             break;
         }
+        rx.done();
     }
-    let _ = w.shutdown().await;
+    // The write side closes now, though the connection's handle may hold
+    // `w` a little longer (until the reader has stopped).
+    let stream: &TcpStream = (*w).as_ref();
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
     state.cancel.cancel();
 }
 
@@ -692,23 +718,27 @@ const MAX_IOV: usize = 64;
 
 /// Writes every byte of `bufs` (at most [`MAX_IOV`] of them), in order,
 /// with as few `writev` calls as the socket allows.
-async fn write_all_vectored(
-    w: &mut tokio::net::tcp::OwnedWriteHalf,
-    bufs: &mut [Bytes],
-) -> std::io::Result<()> {
+async fn write_all_vectored(w: &OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Result<()> {
     use bytes::Buf;
     use std::io::IoSlice;
-    use tokio::io::AsyncWriteExt;
     let mut first = 0;
     while first < bufs.len() {
-        let mut written = {
+        let attempt = {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let mut n = 0;
             for b in bufs[first..].iter().take(MAX_IOV) {
                 iov[n] = IoSlice::new(b);
                 n += 1;
             }
-            w.write_vectored(&iov[..n]).await?
+            w.try_write_vectored(&iov[..n])
+        };
+        let mut written = match attempt {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                w.writable().await?;
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());

@@ -29,6 +29,8 @@ struct Inner<T> {
     waker: Cell<Option<Waker>>,
     sender_gone: Cell<bool>,
     receiver_gone: Cell<bool>,
+    /// The receiver took an item and has not said it is done with it.
+    in_hand: Cell<bool>,
 }
 
 /// The queueing side (one per queue: not `Clone`).
@@ -55,6 +57,7 @@ pub(super) fn queue<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
         waker: Cell::new(None),
         sender_gone: Cell::new(false),
         receiver_gone: Cell::new(false),
+        in_hand: Cell::new(false),
     });
     (Sender(inner.clone()), Receiver(inner))
 }
@@ -84,6 +87,15 @@ impl<T> Sender<T> {
         inner.wake();
         Ok(())
     }
+
+    /// Nothing is queued and the receiver holds nothing it took: what the
+    /// sender would queue now would be the next thing out, so it may be
+    /// handed over by other means (a direct write) without reordering.
+    /// False once the receiver is gone.
+    pub(super) fn is_idle(&self) -> bool {
+        let inner = &self.0;
+        !inner.in_hand.get() && !inner.receiver_gone.get() && inner.items.borrow().is_empty()
+    }
 }
 
 impl<T> Drop for Sender<T> {
@@ -95,10 +107,13 @@ impl<T> Drop for Sender<T> {
 
 impl<T> Receiver<T> {
     /// The next item; `None` once the queue is empty and the sender gone.
+    /// The receiver holds it (see [`Sender::is_idle`]) until
+    /// [`Receiver::done`].
     pub(super) async fn recv(&mut self) -> Option<T> {
         poll_fn(|cx| {
             let inner = &self.0;
             if let Some(item) = inner.items.borrow_mut().pop_front() {
+                inner.in_hand.set(true);
                 return Poll::Ready(Some(item));
             }
             if inner.sender_gone.get() {
@@ -110,9 +125,18 @@ impl<T> Receiver<T> {
         .await
     }
 
-    /// The next item if one is queued now.
+    /// The next item if one is queued now (held like [`Receiver::recv`]'s).
     pub(super) fn try_recv(&mut self) -> Option<T> {
-        self.0.items.borrow_mut().pop_front()
+        let item = self.0.items.borrow_mut().pop_front();
+        if item.is_some() {
+            self.0.in_hand.set(true);
+        }
+        item
+    }
+
+    /// The receiver is done with every item it took.
+    pub(super) fn done(&mut self) {
+        self.0.in_hand.set(false);
     }
 }
 
@@ -196,6 +220,26 @@ mod tests {
         tx.try_send(1).unwrap();
         drop(rx);
         assert_eq!(tx.try_send(2), Err(SendError::Closed));
+    }
+
+    #[test]
+    fn the_sender_sees_the_receiver_idle_only_with_nothing_queued_or_in_hand() {
+        let (tx, mut rx) = queue(4);
+        assert!(tx.is_idle());
+        tx.try_send(1).unwrap();
+        assert!(!tx.is_idle(), "an item is queued");
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        assert_eq!(poll_recv(&mut rx, &waker), Poll::Ready(Some(1)));
+        assert!(!tx.is_idle(), "the receiver holds the item it took");
+        rx.done();
+        assert!(tx.is_idle());
+        tx.try_send(2).unwrap();
+        assert_eq!(rx.try_recv(), Some(2));
+        assert!(!tx.is_idle(), "try_recv holds its item too");
+        rx.done();
+        assert!(tx.is_idle());
+        drop(rx);
+        assert!(!tx.is_idle(), "a gone receiver is never idle");
     }
 
     #[test]

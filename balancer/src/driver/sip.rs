@@ -154,7 +154,15 @@ fn start_conn(
         cancel: shared.shutdown.child_token(),
         last_write: Cell::new(Instant::now()),
     });
-    shared.conns.borrow_mut().insert(id, ConnHandle { tx });
+    let wr = Rc::new(wr);
+    shared.conns.borrow_mut().insert(
+        id,
+        ConnHandle {
+            tx,
+            w: wr.clone(),
+            state: state.clone(),
+        },
+    );
     shared.feed(|r| r.conn_opened(id, Transport::Tcp, remote, local));
     let peer = Peer {
         conn: id,
