@@ -20,7 +20,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use encap_proto::frame::auth::{BalancerHandshake, BalancerStep};
 use encap_proto::frame::{encode, Close, Code, CodecError, Frame, FrameCodec, Refuse};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -266,27 +266,38 @@ async fn read_frames(
                 return "silent for too long";
             }
         };
-        match next {
-            Some(Ok(frame)) => {
-                let now = Instant::now();
-                last = now;
-                shared.feed(|r| r.handle_frame(now, id, frame));
+        // Frames the same read brought are handled under one cork: what
+        // they send to one SIP peer goes out in one write.
+        let _cork = shared.cork();
+        let mut next = next;
+        loop {
+            match next {
+                Some(Ok(frame)) => {
+                    let now = Instant::now();
+                    last = now;
+                    shared.feed(|r| r.handle_frame(now, id, frame));
+                }
+                Some(Err(CodecError::Frame(e))) => {
+                    bump(&shared.counters.agent_frame_errors);
+                    // SPEC.md §6: say what was wrong, then close.
+                    warn!(backend = id, error = %e, "malformed frame from agent; closing the link");
+                    shared.perform(crate::core::router::Action::CloseBackend {
+                        backend: id,
+                        frame: Some(e.to_error_frame()),
+                    });
+                    return "malformed frame";
+                }
+                Some(Err(CodecError::Io(e))) => {
+                    debug!(error = %e, "agent link read failed");
+                    return "read failed";
+                }
+                None => return "closed by the agent",
             }
-            Some(Err(CodecError::Frame(e))) => {
-                bump(&shared.counters.agent_frame_errors);
-                // SPEC.md §6: say what was wrong, then close.
-                warn!(backend = id, error = %e, "malformed frame from agent; closing the link");
-                shared.perform(crate::core::router::Action::CloseBackend {
-                    backend: id,
-                    frame: Some(e.to_error_frame()),
-                });
-                return "malformed frame";
+            // The next frame if it is already read (no wait under the cork).
+            match reader.next().now_or_never() {
+                Some(more) => next = more,
+                None => break,
             }
-            Some(Err(CodecError::Io(e))) => {
-                debug!(error = %e, "agent link read failed");
-                return "read failed";
-            }
-            None => return "closed by the agent",
         }
     }
 }

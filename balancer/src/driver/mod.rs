@@ -203,6 +203,8 @@ impl Balancer {
             connecting: RefCell::new(HashMap::new()),
             per_ip: RefCell::new(HashMap::new()),
             next_id: Cell::new(1),
+            corked: Cell::new(0),
+            dirty: RefCell::new(Vec::new()),
             timer_deadline: Cell::new(None),
             timer: Notify::new(),
             settings: Settings::new(config, public, tcp_source_ips, self.secrets.current.clone()),
@@ -412,6 +414,8 @@ struct ConnHandle {
     /// writer is written straight from the task that routed it.
     w: Rc<OwnedWriteHalf>,
     state: Rc<ConnState>,
+    /// Messages sent while corked, not yet handed on (see [`Shared::flush`]).
+    pending: RefCell<Vec<Bytes>>,
 }
 
 /// An authenticated agent link.
@@ -439,6 +443,10 @@ struct Shared {
     /// Accepted connections per peer IP.
     per_ip: RefCell<HashMap<IpAddr, usize>>,
     next_id: Cell<u64>,
+    /// Open [`Cork`] guards.
+    corked: Cell<u32>,
+    /// Connections with messages held (see [`Shared::cork`]).
+    dirty: RefCell<Vec<ConnId>>,
     /// When the timer task will wake next (None: not armed).
     timer_deadline: Cell<Option<Instant>>,
     timer: Notify,
@@ -500,39 +508,73 @@ impl Shared {
         }
     }
 
+    /// Sends `message` on stream connection `id`: held with the
+    /// connection's other messages while the driver is corked (see
+    /// [`Shared::cork`]), handed on at once otherwise.
     fn send_stream(&self, id: ConnId, message: Bytes) {
-        let conns = self.conns.borrow();
-        let Some(conn) = conns.get(&id) else {
-            bump(&self.counters.gone);
-            debug!(conn = id, "dropped: the connection closed meanwhile");
-            return;
-        };
-        let mut message = message;
-        // Nothing queued or being written: try the socket now, which saves
-        // waking the writer task (a task switch per message at low rates).
-        // What the socket does not take now goes to the queue in order.
-        if conn.tx.is_idle() {
-            match conn.w.try_write(&message) {
-                Ok(n) if n == message.len() => {
-                    conn.state.last_write.set(Instant::now());
-                    return;
-                }
-                Ok(n) => {
-                    conn.state.last_write.set(Instant::now());
-                    bytes::Buf::advance(&mut message, n);
-                }
-                // WouldBlock: the writer waits for room. An error: the
-                // writer meets it again and closes the connection.
-                Err(_) => {}
-            }
-        }
-        match conn.tx.try_send(Out::Bytes(message)) {
-            Ok(()) => {}
-            Err(queue::SendError::Full) => {
+        {
+            let conns = self.conns.borrow();
+            let Some(conn) = conns.get(&id) else {
+                bump(&self.counters.gone);
+                debug!(conn = id, "dropped: the connection closed meanwhile");
+                return;
+            };
+            let mut pending = conn.pending.borrow_mut();
+            if pending.len() + conn.tx.len() >= self.settings.write_queue {
                 bump(&self.counters.queue_full);
                 debug!(conn = id, "dropped: the connection's write queue is full");
+                return;
             }
-            Err(queue::SendError::Closed) => bump(&self.counters.gone),
+            if pending.is_empty() {
+                self.dirty.borrow_mut().push(id);
+            }
+            pending.push(message);
+        }
+        if self.corked.get() == 0 {
+            self.flush();
+        }
+    }
+
+    /// Holds what is sent on stream connections until the guard drops
+    /// (the last of nested guards), then hands each connection's messages
+    /// on together: one write for what a read burst routed to one peer.
+    fn cork(&self) -> Cork<'_> {
+        self.corked.set(self.corked.get() + 1);
+        Cork(self)
+    }
+
+    /// Hands on every connection's held messages. While a connection's
+    /// writer is idle they are written from here in one vectored write,
+    /// which saves waking the writer (a task switch at low rates); what the
+    /// socket does not take goes to the writer's queue in order.
+    fn flush(&self) {
+        let conns = self.conns.borrow();
+        let mut dirty = self.dirty.borrow_mut();
+        for id in dirty.drain(..) {
+            // Closed meanwhile: its held messages went with its handle.
+            let Some(conn) = conns.get(&id) else {
+                continue;
+            };
+            let mut pending = conn.pending.borrow_mut();
+            let mut first = 0;
+            if conn.tx.is_idle() {
+                // On WouldBlock the writer waits for room; on an error it
+                // meets it again and closes the connection.
+                if let Ok(written) = try_write_vectored(&conn.w, &pending) {
+                    conn.state.last_write.set(Instant::now());
+                    first = consume(&mut pending, 0, written);
+                }
+            }
+            for message in pending.drain(..).skip(first) {
+                match conn.tx.try_send(Out::Bytes(message)) {
+                    Ok(()) => {}
+                    Err(queue::SendError::Full) => {
+                        bump(&self.counters.queue_full);
+                        debug!(conn = id, "dropped: the connection's write queue is full");
+                    }
+                    Err(queue::SendError::Closed) => bump(&self.counters.gone),
+                }
+            }
         }
     }
 
@@ -606,6 +648,19 @@ impl Shared {
                 let name = self.backend_name(backend);
                 warn!(backend, %name, reason, "backend down");
             }
+        }
+    }
+}
+
+/// See [`Shared::cork`].
+struct Cork<'a>(&'a Shared);
+
+impl Drop for Cork<'_> {
+    fn drop(&mut self) {
+        let n = self.0.corked.get() - 1;
+        self.0.corked.set(n);
+        if n == 0 {
+            self.0.flush();
         }
     }
 }
@@ -716,23 +771,45 @@ async fn write_loop(w: Rc<OwnedWriteHalf>, mut rx: queue::Receiver<Out>, state: 
 /// Messages gathered into one vectored write at most.
 const MAX_IOV: usize = 64;
 
-/// Writes every byte of `bufs` (at most [`MAX_IOV`] of them), in order,
-/// with as few `writev` calls as the socket allows.
-async fn write_all_vectored(w: &OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Result<()> {
-    use bytes::Buf;
+/// One vectored write of the first [`MAX_IOV`] of `bufs`, without waiting.
+fn try_write_vectored(w: &OwnedWriteHalf, bufs: &[Bytes]) -> std::io::Result<usize> {
     use std::io::IoSlice;
-    let mut first = 0;
+    let mut iov = [IoSlice::new(&[]); MAX_IOV];
+    let mut n = 0;
+    for b in bufs.iter().take(MAX_IOV) {
+        iov[n] = IoSlice::new(b);
+        n += 1;
+    }
+    w.try_write_vectored(&iov[..n])
+}
+
+/// Marks `written` bytes of `bufs[first..]` as gone (the first partly
+/// written buffer is advanced) and returns the index of the first buffer
+/// with bytes left; empty buffers are skipped.
+fn consume(bufs: &mut [Bytes], mut first: usize, mut written: usize) -> usize {
+    use bytes::Buf;
+    while written > 0 && first < bufs.len() {
+        let len = bufs[first].len();
+        if written >= len {
+            written -= len;
+            first += 1;
+        } else {
+            bufs[first].advance(written);
+            written = 0;
+        }
+    }
+    while bufs.get(first).is_some_and(Bytes::is_empty) {
+        first += 1;
+    }
+    first
+}
+
+/// Writes every byte of `bufs`, in order, with as few `writev` calls as
+/// the socket allows.
+async fn write_all_vectored(w: &OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::Result<()> {
+    let mut first = consume(bufs, 0, 0);
     while first < bufs.len() {
-        let attempt = {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let mut n = 0;
-            for b in bufs[first..].iter().take(MAX_IOV) {
-                iov[n] = IoSlice::new(b);
-                n += 1;
-            }
-            w.try_write_vectored(&iov[..n])
-        };
-        let mut written = match attempt {
+        let written = match try_write_vectored(w, &bufs[first..]) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 w.writable().await?;
@@ -743,20 +820,7 @@ async fn write_all_vectored(w: &OwnedWriteHalf, bufs: &mut [Bytes]) -> std::io::
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        while written > 0 && first < bufs.len() {
-            let len = bufs[first].len();
-            if written >= len {
-                written -= len;
-                first += 1;
-            } else {
-                bufs[first].advance(written);
-                written = 0;
-            }
-        }
-        // Empty messages (none are queued today) are skipped, not written.
-        while bufs.get(first).is_some_and(Bytes::is_empty) {
-            first += 1;
-        }
+        first = consume(bufs, first, written);
     }
     Ok(())
 }

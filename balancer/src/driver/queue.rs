@@ -88,6 +88,11 @@ impl<T> Sender<T> {
         Ok(())
     }
 
+    /// How many items are queued.
+    pub(super) fn len(&self) -> usize {
+        self.0.items.borrow().len()
+    }
+
     /// Nothing is queued and the receiver holds nothing it took: what the
     /// sender would queue now would be the next thing out, so it may be
     /// handed over by other means (a direct write) without reordering.

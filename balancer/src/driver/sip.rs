@@ -161,6 +161,7 @@ fn start_conn(
             tx,
             w: wr.clone(),
             state: state.clone(),
+            pending: std::cell::RefCell::new(Vec::new()),
         },
     );
     shared.feed(|r| r.conn_opened(id, Transport::Tcp, remote, local));
@@ -278,6 +279,9 @@ async fn read_messages(
         let eof = n == 0;
         let arrival = unix_us();
         let mut framed_any = false;
+        // What the messages of this read send to one peer goes out in one
+        // write, when the guard drops (end of this pass or any return).
+        let _cork = shared.cork();
         loop {
             // Frame and scan in one walk; at the end of the stream, frame
             // what is left the plain way (decode_eof reports truncation)
@@ -392,6 +396,7 @@ async fn open_and_send(shared: Rc<Shared>, to: SocketAddr) {
         Ok((stream, local)) => {
             debug!(%local, queued = waiting.len(), "connection opened");
             let id = start_conn(&shared, stream, to, local, None);
+            let _cork = shared.cork();
             for message in waiting {
                 shared.send_stream(id, message);
             }
