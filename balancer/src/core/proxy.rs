@@ -525,7 +525,7 @@ pub fn response_hop(msg: &SipMessage) -> Result<ResponseHop, &'static str> {
         .param(CONN_PARAM)
         .flatten()
         .and_then(|c| std::str::from_utf8(c).ok()?.parse().ok());
-    let next = msg.second_via()?.ok_or("no Via below ours")?;
+    let next = msg.second_via().ok_or("no Via below ours")?;
     let transport = Transport::from_via_token(next.transport).ok_or("unknown Via transport")?;
     let ip = match next.received {
         Some(r) => parse_ip(r).ok_or("Via received is not an IP address")?,
