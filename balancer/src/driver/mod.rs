@@ -774,6 +774,10 @@ const MAX_IOV: usize = 64;
 /// One vectored write of the first [`MAX_IOV`] of `bufs`, without waiting.
 fn try_write_vectored(w: &OwnedWriteHalf, bufs: &[Bytes]) -> std::io::Result<usize> {
     use std::io::IoSlice;
+    if let [one] = bufs {
+        // The usual batch at low rates: no I/O vector to fill.
+        return w.try_write(one);
+    }
     let mut iov = [IoSlice::new(&[]); MAX_IOV];
     let mut n = 0;
     for b in bufs.iter().take(MAX_IOV) {
