@@ -677,6 +677,61 @@ def cmd_memreport(a):
     print("\n".join(L))
 
 
+def cmd_readme(a):
+    """The README's Performance tables, from results.csv and memory.csv of
+    one run (no new measurement): what the README shows, reproducibly."""
+    res = list(csv.DictReader(open(os.path.join(a.results, "results.csv"))))
+    R = {(r["transport"], r["contender"], int(r["rate"])): r for r in res}
+    rates = sorted({int(r["rate"]) for r in res})
+    cols = ["kam-sl", "kam-dlg", "vd-plain", "vd-agent", "floor"]
+    us = lambda r: float(r["cpu_ms_per_1k"])
+    out = []
+    for t, title in (("tcp", "TCP trunk (SIPp `-t t1`, backends over TCP):"), ("udp", "UDP:")):
+        out += [title, "",
+                "| cps | Kamailio stateless | Kamailio + dialog | viaduct plain-SIP | viaduct agent "
+                "| floor (relay, no SIP) | plain / Kamailio stateless | floor / Kamailio stateless "
+                "| failed calls (Kam sl, Kam dlg, plain, agent) |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for rate in rates:
+            g = {c: R.get((t, c, rate)) for c in cols}
+            if not all(g.values()) or not all(g[c]["cpu_ms_per_1k"] for c in cols):
+                continue
+            k = us(g["kam-sl"])
+            cells = " | ".join(f"{us(g[c]):.0f} µs" for c in cols)
+            fails = ", ".join(g[c]["failed"] for c in cols[:4])
+            out.append(f"| {rate} | {cells} | {us(g['vd-plain']) / k:.2f} | {us(g['floor']) / k:.2f} | {fails} |")
+        out.append("")
+    out += ["Time inside the balancer (request in to out plus its 200 in to out, from",
+            "a capture on lo), p50 / p99 in µs:", "",
+            "| cps | TCP Kamailio stateless | TCP viaduct plain-SIP | TCP floor "
+            "| UDP Kamailio stateless | UDP viaduct plain-SIP | UDP floor |",
+            "|---:|---:|---:|---:|---:|---:|---:|"]
+    for rate in rates:
+        cells = []
+        for t in ("tcp", "udp"):
+            for c in ("kam-sl", "vd-plain", "floor"):
+                r = R.get((t, c, rate))
+                ok = r and r["invite_transit_p50_us"]
+                cells.append(f"{float(r['invite_transit_p50_us']):.0f} / {float(r['invite_transit_p99_us']):.0f}" if ok else "–")
+        out.append(f"| {rate} | {' | '.join(cells)} |")
+    mem_csv = os.path.join(a.results, "memory.csv")
+    if os.path.exists(mem_csv):
+        M = {(m["contender"], int(m["calls"])): m for m in csv.DictReader(open(mem_csv))}
+        mb = lambda kb: f"{int(kb) / 1024:.1f} MB"
+        out += ["", "| calls held | viaduct plain-SIP idle / held / late | late / idle "
+                "| viaduct agent late / idle | Kamailio tm+dialog idle / late (PSS) |",
+                "|---:|---|---:|---:|---|"]
+        for n in sorted({c for _, c in M}):
+            p, ag, k = M.get(("vd-plain", n)), M.get(("vd-agent", n)), M.get(("kam-dlg", n))
+            if not (p and ag and k):
+                continue
+            out.append(f"| {n:,} | {mb(p['idle_kb'])} / {mb(p['held_kb'])} / {mb(p['late_kb'])} "
+                       f"| {int(p['late_kb']) / int(p['idle_kb']):.2f} "
+                       f"| {int(ag['late_kb']) / int(ag['idle_kb']):.2f} "
+                       f"| {mb(k['idle_kb'])} / {mb(k['late_kb'])} |")
+    print("\n".join(out))
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -708,6 +763,7 @@ def main():
     s = sub.add_parser("memreport"); s.add_argument("raw"); s.add_argument("out")
     s.add_argument("--command", default=""); s.add_argument("--date", default="")
     s.set_defaults(f=cmd_memreport)
+    s = sub.add_parser("readme"); s.add_argument("results"); s.set_defaults(f=cmd_readme)
     a = p.parse_args()
     a.f(a)
 
