@@ -3,10 +3,13 @@
 //!
 //! A stream connection is two tasks: a reader that frames messages
 //! ([`StreamFramer`]) and feeds them to the router one at a time, and a
-//! writer fed by a bounded queue. The reader owns the connection's life:
-//! when it ends (EOF, error, framing error, timeout, shutdown) it tells the
-//! router and drops the queue, and the writer flushes what is queued and
-//! closes.
+//! writer fed by a bounded queue. What the router sends while the reader
+//! handles one read is held per connection and handed on when the read is
+//! done (`Shared::cork`): written at once, in one write, when the
+//! connection's writer is idle, else queued. The reader owns the
+//! connection's life: when it ends (EOF, error, framing error, timeout,
+//! shutdown) it tells the router and drops the queue, and the writer
+//! flushes what is queued and closes.
 
 // Drivers own the clock and the tasks: the one place they are allowed.
 #![allow(clippy::disallowed_methods)]
