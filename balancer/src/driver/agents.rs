@@ -271,27 +271,8 @@ async fn read_frames(
         let _cork = shared.cork();
         let mut next = next;
         loop {
-            match next {
-                Some(Ok(frame)) => {
-                    let now = Instant::now();
-                    last = now;
-                    shared.feed(|r| r.handle_frame(now, id, frame));
-                }
-                Some(Err(CodecError::Frame(e))) => {
-                    bump(&shared.counters.agent_frame_errors);
-                    // SPEC.md §6: say what was wrong, then close.
-                    warn!(backend = id, error = %e, "malformed frame from agent; closing the link");
-                    shared.perform(crate::core::router::Action::CloseBackend {
-                        backend: id,
-                        frame: Some(e.to_error_frame()),
-                    });
-                    return "malformed frame";
-                }
-                Some(Err(CodecError::Io(e))) => {
-                    debug!(error = %e, "agent link read failed");
-                    return "read failed";
-                }
-                None => return "closed by the agent",
+            if let Some(why) = take_frame(shared, id, next, &mut last) {
+                return why;
             }
             // The next frame if it is already read (no wait under the cork).
             match reader.next().now_or_never() {
@@ -299,5 +280,38 @@ async fn read_frames(
                 None => break,
             }
         }
+    }
+}
+
+/// Feeds one read result of the link to the router (`last`: when a frame
+/// last came); returns why the link ends, if it does.
+fn take_frame(
+    shared: &Rc<Shared>,
+    id: BackendId,
+    next: Option<Result<Frame, CodecError>>,
+    last: &mut Instant,
+) -> Option<&'static str> {
+    match next {
+        Some(Ok(frame)) => {
+            let now = Instant::now();
+            *last = now;
+            shared.feed(|r| r.handle_frame(now, id, frame));
+            None
+        }
+        Some(Err(CodecError::Frame(e))) => {
+            bump(&shared.counters.agent_frame_errors);
+            // SPEC.md §6: say what was wrong, then close.
+            warn!(backend = id, error = %e, "malformed frame from agent; closing the link");
+            shared.perform(crate::core::router::Action::CloseBackend {
+                backend: id,
+                frame: Some(e.to_error_frame()),
+            });
+            Some("malformed frame")
+        }
+        Some(Err(CodecError::Io(e))) => {
+            debug!(error = %e, "agent link read failed");
+            Some("read failed")
+        }
+        None => Some("closed by the agent"),
     }
 }

@@ -512,27 +512,30 @@ impl Shared {
     /// connection's other messages while the driver is corked (see
     /// [`Shared::cork`]), handed on at once otherwise.
     fn send_stream(&self, id: ConnId, message: Bytes) {
+        let conns = self.conns.borrow();
+        let Some(conn) = conns.get(&id) else {
+            bump(&self.counters.gone);
+            debug!(conn = id, "dropped: the connection closed meanwhile");
+            return;
+        };
         {
-            let conns = self.conns.borrow();
-            let Some(conn) = conns.get(&id) else {
-                bump(&self.counters.gone);
-                debug!(conn = id, "dropped: the connection closed meanwhile");
-                return;
-            };
             let mut pending = conn.pending.borrow_mut();
+            // The bound holds for what is held and queued together, so
+            // handing held messages on never finds the queue full.
             if pending.len() + conn.tx.len() >= self.settings.write_queue {
                 bump(&self.counters.queue_full);
                 debug!(conn = id, "dropped: the connection's write queue is full");
                 return;
             }
-            if pending.is_empty() {
-                self.dirty.borrow_mut().push(id);
-            }
             pending.push(message);
+            if self.corked.get() > 0 {
+                if pending.len() == 1 {
+                    self.dirty.borrow_mut().push(id);
+                }
+                return;
+            }
         }
-        if self.corked.get() == 0 {
-            self.flush();
-        }
+        self.hand_on(conn);
     }
 
     /// Holds what is sent on stream connections until the guard drops
@@ -543,37 +546,38 @@ impl Shared {
         Cork(self)
     }
 
-    /// Hands on every connection's held messages. While a connection's
-    /// writer is idle they are written from here in one vectored write,
-    /// which saves waking the writer (a task switch at low rates); what the
-    /// socket does not take goes to the writer's queue in order.
+    /// Hands on every held message (see [`Shared::cork`]).
     fn flush(&self) {
         let conns = self.conns.borrow();
-        let mut dirty = self.dirty.borrow_mut();
-        for id in dirty.drain(..) {
+        for id in self.dirty.borrow_mut().drain(..) {
             // Closed meanwhile: its held messages went with its handle.
-            let Some(conn) = conns.get(&id) else {
-                continue;
-            };
-            let mut pending = conn.pending.borrow_mut();
-            let mut first = 0;
-            if conn.tx.is_idle() {
-                // On WouldBlock the writer waits for room; on an error it
-                // meets it again and closes the connection.
-                if let Ok(written) = try_write_vectored(&conn.w, &pending) {
-                    conn.state.last_write.set(Instant::now());
-                    first = consume(&mut pending, 0, written);
-                }
+            if let Some(conn) = conns.get(&id) {
+                self.hand_on(conn);
             }
-            for message in pending.drain(..).skip(first) {
-                match conn.tx.try_send(Out::Bytes(message)) {
-                    Ok(()) => {}
-                    Err(queue::SendError::Full) => {
-                        bump(&self.counters.queue_full);
-                        debug!(conn = id, "dropped: the connection's write queue is full");
-                    }
-                    Err(queue::SendError::Closed) => bump(&self.counters.gone),
-                }
+        }
+    }
+
+    /// Hands on a connection's held messages. While its writer is idle
+    /// they are written from here in one vectored write, which saves
+    /// waking the writer (a task switch at low rates); what the socket does
+    /// not take goes to the writer's queue in order.
+    fn hand_on(&self, conn: &ConnHandle) {
+        let mut pending = conn.pending.borrow_mut();
+        let mut first = 0;
+        if conn.tx.is_idle() {
+            // On WouldBlock the writer waits for room; on an error it meets
+            // it again and closes the connection.
+            if let Ok(written) = try_write_vectored(&conn.w, &pending) {
+                conn.state.last_write.set(Instant::now());
+                first = consume(&mut pending, 0, written);
+            }
+        }
+        for message in pending.drain(..).skip(first) {
+            match conn.tx.try_send(Out::Bytes(message)) {
+                Ok(()) => {}
+                // Not met: send_stream bounds what is held and queued.
+                Err(queue::SendError::Full) => bump(&self.counters.queue_full),
+                Err(queue::SendError::Closed) => bump(&self.counters.gone),
             }
         }
     }
